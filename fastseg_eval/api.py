@@ -1,0 +1,221 @@
+"""The public functions: :func:`evaluate` and :func:`confusion_matrix`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import metrics as M
+from .backends import resolve_backend
+from .confusion import DENSE_MAX, ConfusionMatrix
+from .engine import check_workers, count_into
+from .errors import FastSegError, OptionError
+from .progress import ProgressBar
+from .report import EvaluationResult, check_metric_options
+from .sources import check_volumes, open_volume
+
+log = logging.getLogger("fastseg_eval")
+
+CONFUSION_MATRIX_MAX = 4096
+"""Largest label count :func:`confusion_matrix` returns as a dense table (128 MiB of int64)."""
+
+
+def _open_all(pred, gt, mask, *, pred_key, gt_key, mask_key, level, storage_options):
+    pv = open_volume(pred, "pred", key=pred_key, level=level, storage_options=storage_options)
+    gv = open_volume(gt, "gt", key=gt_key, level=level, storage_options=storage_options)
+    mv = (
+        None
+        if mask is None
+        else open_volume(mask, "mask", key=mask_key, level=level, storage_options=storage_options)
+    )
+    check_volumes(pv, gv, mv)
+    return pv, gv, mv
+
+
+def _progress(progress: Any, total: int):
+    if progress is True:
+        return ProgressBar(total)
+    if progress in (False, None):
+        return None
+    if callable(progress):
+        return progress
+    raise OptionError(f"progress must be True, False or a callable taking a voxel count, got {progress!r}")
+
+
+def evaluate(
+    pred: Any,
+    gt: Any,
+    num_classes: int | None = None,
+    *,
+    labels: Sequence[int] | None = None,
+    ignore_label: int | None = None,
+    mask: Any = None,
+    threshold: float | None = None,
+    channel_axis: int | None = None,
+    thresholds: int | None = None,
+    tversky_alpha: float = 0.5,
+    tversky_beta: float = 0.5,
+    smooth: float = 0.0,
+    empty: str = "nan",
+    backend: str = "auto",
+    workers: int | None = None,
+    scheduler: Any = None,
+    progress: Any = False,
+    metrics: Sequence[str] | str | None = None,
+    label_names: Mapping[int, str] | None = None,
+    background_label: int | None = 0,
+    pred_key: str | None = None,
+    gt_key: str | None = None,
+    mask_key: str | None = None,
+    level: int | str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> EvaluationResult:
+    """Evaluate a segmentation against ground truth in one pass over the data.
+
+    Parameters
+    ----------
+    pred, gt : array-like, dask array, zarr array, or path / URL of a zarr store
+        Prediction first, ground truth second. Paths may address a node inside a store
+        (``"seg.zarr/labels/cells"``), a ``.zip`` store, or an OME-Zarr image; stores are
+        opened read-only.
+    num_classes : int, optional
+        Labels are ``0 .. num_classes - 1``; any other value raises :class:`LabelError`.
+    labels : sequence of int, optional
+        The labels, in the order the matrix follows. Without ``num_classes`` and ``labels``
+        the labels present in either volume are discovered in the same pass, sorted.
+    ignore_label : int, optional
+        Ground-truth value whose voxels are skipped entirely (reported as ``n_ignored``).
+    mask : array-like or path, optional
+        Count only voxels where the mask is nonzero.
+    tversky_alpha, tversky_beta : float
+        Tversky index ``TP / (TP + alpha FP + beta FN)``: alpha weights false positives.
+    smooth : float
+        Added to numerator and denominator of dice, iou and tversky.
+    empty : {"nan", "zero", "one"}
+        Value of a metric whose denominator is zero. Means skip NaN.
+    backend : {"auto", "cpu", "cuda"}
+    workers : int, optional
+        Threads reading and counting chunks (default: the CPUs available).
+    scheduler : optional
+        A dask scheduler name, ``distributed.Client`` or address, to run as a dask graph.
+    progress : bool or callable
+        ``True`` draws a progress bar on stderr; a callable receives voxel counts as units finish.
+    metrics : list of str, optional
+        Metric names or aliases to report (default: all).
+    label_names : mapping, optional
+        Names shown beside labels in reports.
+    background_label : int or None
+        Label left out of ``foreground_mean`` and ``micro`` (default 0).
+    pred_key, gt_key, mask_key, level, storage_options
+        Where to find the array inside a store, which OME-Zarr level (default: full
+        resolution), and fsspec options for remote URLs.
+
+    Returns
+    -------
+    EvaluationResult
+        ``confusion_matrix`` (rows = ground truth, columns = prediction), ``per_class``, means,
+        ``overall``, warnings and timing; ``to_json()`` / ``to_csv()`` write reports.
+
+    Examples
+    --------
+    >>> import numpy as np, fastseg_eval as fse
+    >>> gt = np.array([[0, 0, 1], [1, 2, 2]])
+    >>> pred = np.array([[0, 1, 1], [1, 2, 0]])
+    >>> res = fse.evaluate(pred, gt, num_classes=3)
+    >>> res.confusion_matrix.tolist()
+    [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    >>> round(res.per_class[1]["dice"], 4)
+    0.8
+    """
+    M.check_empty(empty)
+    check_metric_options(tversky_alpha, tversky_beta, smooth)
+    names = M.resolve_metrics(metrics)
+    nworkers = check_workers(workers)
+    chosen = resolve_backend(backend)
+    if threshold is not None or channel_axis is not None or thresholds is not None:
+        raise OptionError(
+            "probability maps (threshold=, channel_axis=, thresholds=) are not supported yet; "
+            "pass integer label volumes"
+        )
+    pv, gv, mv = _open_all(
+        pred, gt, mask, pred_key=pred_key, gt_key=gt_key, mask_key=mask_key, level=level,
+        storage_options=storage_options,
+    )  # fmt: skip
+    acc = ConfusionMatrix(num_classes, labels=labels, ignore_label=ignore_label)
+    total = int(np.prod(gv.shape, dtype=np.int64))
+    bar = _progress(progress, total)
+    try:
+        stats = count_into(
+            acc, None, None, workers=nworkers, scheduler=scheduler, progress=bar, volumes=(pv, gv, mv)
+        )
+    finally:
+        if isinstance(bar, ProgressBar):
+            bar.close()
+    inputs = {"pred": pv.describe(), "gt": gv.describe(), "mask": None if mv is None else mv.describe()}
+    timing = {
+        "seconds": stats.seconds,
+        "voxels_per_second": stats.voxels / stats.seconds if stats.seconds > 0 else None,
+        "backend": chosen,
+        "engine": stats.engine,
+        "workers": stats.workers,
+        "units": stats.units,
+        "chunks_decoded": stats.chunks_decoded,
+        "chunks_total": stats.chunks_total,
+    }
+    options = {
+        "num_classes": num_classes,
+        "labels": None if labels is None else [int(x) for x in labels],
+        "mask": None if mv is None else mv.source,
+    }
+    return acc.result(
+        metrics=names, tversky_alpha=tversky_alpha, tversky_beta=tversky_beta, smooth=smooth, empty=empty,
+        background_label=background_label, label_names=label_names, inputs=inputs, options=options,
+        timing=timing,
+    )  # fmt: skip
+
+
+def confusion_matrix(
+    pred: Any,
+    gt: Any,
+    num_classes: int | None = None,
+    *,
+    ignore_label: int | None = None,
+    mask: Any = None,
+    backend: str = "auto",
+    labels: Sequence[int] | None = None,
+    workers: int | None = None,
+) -> np.ndarray:
+    """The int64 confusion matrix: ``cm[i, j]`` = voxels with ground-truth label i predicted as j.
+
+    Rows and columns are ``0 .. num_classes - 1`` when ``num_classes`` is given, ``labels`` when
+    given, else the sorted labels present in either volume (without the ignore label).
+
+    Examples
+    --------
+    >>> import numpy as np, fastseg_eval as fse
+    >>> fse.confusion_matrix(np.array([0, 1, 1]), np.array([0, 0, 1]), num_classes=2).tolist()
+    [[1, 1], [0, 1]]
+    """
+    resolve_backend(backend)
+    nworkers = check_workers(workers)
+    k = num_classes if num_classes is not None else (len(labels) if labels is not None else None)
+    if k is not None and k > CONFUSION_MATRIX_MAX:
+        raise OptionError(
+            f"a dense {k} x {k} matrix would need {8 * k * k / 2**30:.1f} GiB; use evaluate(), which keeps "
+            "the diagonal and marginals for large label spaces"
+        )
+    dense_max = max(DENSE_MAX, k or 0) if k is not None else CONFUSION_MATRIX_MAX
+    acc = ConfusionMatrix(num_classes, labels=labels, ignore_label=ignore_label, dense_max=dense_max)
+    pv, gv, mv = _open_all(
+        pred, gt, mask, pred_key=None, gt_key=None, mask_key=None, level=None, storage_options=None
+    )
+    count_into(acc, None, None, workers=nworkers, volumes=(pv, gv, mv))
+    if not acc.is_dense:
+        raise FastSegError(
+            f"{acc.num_classes} distinct labels: more than {CONFUSION_MATRIX_MAX}, too many for a dense matrix; "
+            "use evaluate(), which keeps the diagonal and marginals"
+        )
+    return acc.counts

@@ -1,0 +1,617 @@
+"""The int64 confusion-matrix accumulator: label space, kernel dispatch, merging.
+
+Rows are ground truth, columns are prediction: ``counts[i, j]`` is the number of voxels whose
+ground-truth label is ``labels[i]`` and whose predicted label is ``labels[j]``.
+
+Two storage modes:
+
+* **dense**: a full ``K x K`` table, kept while ``K <= dense_max`` (default 1024);
+* **marginals**: for larger label spaces (ids up to 2**16 and far beyond) only the diagonal and
+  the two marginals (``3 x K`` counts) are kept. Every per-class metric and every overall metric
+  (accuracy, balanced accuracy, MCC, Cohen's kappa) needs nothing more; only the off-diagonal
+  cells are lost, so :attr:`ConfusionMatrix.counts` is unavailable in this mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import FastSegError, InputError, LabelError, OptionError
+from .kernels import cpu
+
+DENSE_MAX = 1024
+"""Largest label count kept as a dense K x K table; beyond it the accumulator keeps 3 x K counts."""
+
+_INITIAL_KCAP = 16
+_SUB_HISTOGRAMS = 4  # interleaved uint32 sub-histograms per table (see kernels.cpu)
+
+
+def _nsub(width: int) -> int:
+    """Sub-histogram copies worth keeping for a table row of ``width`` counters."""
+    return _SUB_HISTOGRAMS if width <= (1 << 17) else 1
+
+
+def label_view(a: np.ndarray, role: str) -> tuple[np.ndarray, int]:
+    """Return ``a`` as an unsigned-integer view the kernels accept, and its negative threshold.
+
+    bool becomes uint8, signed ints the unsigned view of the same width (no copy); the second
+    value is the unsigned value from which the original was negative (0 for unsigned inputs).
+    Non-native byte order is converted (a same-width copy).
+    """
+    dt = a.dtype
+    if dt.kind == "b":
+        return a.view(np.uint8), 0
+    if dt.kind not in "iu":
+        what = "floating-point" if dt.kind == "f" else f"{dt} (kind {dt.kind!r})"
+        hint = (
+            " For probability maps pass threshold= (binary) or channel_axis= (argmax)."
+            if dt.kind == "f"
+            else ""
+        )
+        raise InputError(
+            f"{role} has dtype {dt}: {what} values are not labels. Labels must be integers or bool.{hint}"
+        )
+    if not dt.isnative:
+        a = a.astype(dt.newbyteorder("="))
+        dt = a.dtype
+    if dt.kind == "i":
+        return a.view(np.dtype(f"u{dt.itemsize}")), 1 << (8 * dt.itemsize - 1)
+    return a, 0
+
+
+def _as_value(bits: int, dtype: np.dtype) -> int:
+    """The value of ``bits`` (the int64 pattern the kernel stored) read as ``dtype``."""
+    u = np.array(bits, dtype=np.int64).view(np.uint64)
+    if dtype.kind == "b":
+        return int(u)
+    unsigned = np.dtype(f"u{dtype.itemsize}")
+    return int(np.array(u, dtype=np.uint64).astype(unsigned).view(dtype.newbyteorder("=")))
+
+
+def _ignore_bits(ignore_label: int | None, dtype: np.dtype) -> tuple[int, bool]:
+    """Unsigned bit pattern of the ignore label in ``dtype``, and whether it can occur at all."""
+    if ignore_label is None:
+        return 0, False
+    if dtype.kind == "b":
+        return (int(ignore_label), True) if ignore_label in (0, 1) else (0, False)
+    info = np.iinfo(dtype)
+    if not info.min <= ignore_label <= info.max:
+        return 0, False
+    nat = dtype.newbyteorder("=")
+    bits = np.array(ignore_label, dtype=nat).view(np.dtype(f"u{nat.itemsize}"))
+    return int(bits), True
+
+
+def as_3d(a: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """Split an N-d array into 3-d views (no copies), each with the index of its leading axes."""
+    if a.ndim <= 3:
+        return [((), a.reshape((1,) * (3 - a.ndim) + a.shape))]
+    return [(idx, a[idx]) for idx in np.ndindex(a.shape[:-3])]
+
+
+class ConfusionMatrix:
+    """Streaming, mergeable, picklable int64 confusion matrix (rows = gt, columns = pred).
+
+    Parameters
+    ----------
+    num_classes : int, optional
+        Labels are ``0 .. num_classes - 1``; any other value is an error.
+    labels : sequence of int, optional
+        The labels, in the order rows and columns follow; any other value is an error.
+        Without ``num_classes`` and ``labels`` the labels are discovered from the data and
+        reported sorted.
+    ignore_label : int, optional
+        Ground-truth voxels with this value are skipped (counted in :attr:`n_ignored`).
+    dense_max : int
+        Largest label count kept as a dense table; beyond it only the diagonal and marginals.
+
+    Examples
+    --------
+    >>> import numpy as np, fastseg_eval as fse
+    >>> acc = fse.ConfusionMatrix(3)
+    >>> acc.update(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]))   # pred, gt
+    >>> acc.counts.tolist()   # rows = gt, columns = pred
+    [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        *,
+        labels: Sequence[int] | None = None,
+        ignore_label: int | None = None,
+        dense_max: int = DENSE_MAX,
+    ) -> None:
+        self.ignore_label = _check_ignore(ignore_label)
+        self.dense_max = int(dense_max)
+        self._config = (num_classes, None if labels is None else [int(x) for x in labels])
+        self._poisoned: str | None = None
+        fixed = _fixed_labels(num_classes, labels, self.ignore_label)
+        self._fixed = fixed is not None
+        nfixed = 0 if fixed is None else len(fixed)
+        self._direct = fixed is not None and nfixed <= self.dense_max and _is_range(fixed)
+        if self._fixed:
+            kcap, dense = nfixed, nfixed <= self.dense_max
+        else:
+            kcap = min(_INITIAL_KCAP, max(self.dense_max, 1))
+            dense = kcap <= self.dense_max
+        self._lut = np.full(cpu.LUT_SIZE, -1, dtype=np.int32)
+        self._hkeys = np.zeros(0, dtype=np.uint64)
+        self._hvals = np.zeros(0, dtype=np.int32)
+        self._state = np.zeros(cpu.STATE_SIZE, dtype=np.int64)
+        self._alloc(kcap, dense)
+        if fixed is not None:
+            self._add_keys(np.asarray(fixed, dtype=np.uint64))
+
+    # ------------------------------------------------------------------ storage
+    def _alloc(self, kcap: int, dense: bool) -> None:
+        self._kcap = kcap
+        self._dense = dense
+        self._keys = (
+            np.zeros(kcap, dtype=np.uint64) if not hasattr(self, "_keys") else _resized(self._keys, kcap)
+        )
+        width = kcap * kcap if dense else 3 * kcap
+        self._acc = np.zeros(width, dtype=np.int64)
+        self._local = np.zeros((_nsub(width), width), dtype=np.uint32)
+
+    def _grow_labels(self, need: int) -> None:
+        """Make room for at least ``need`` labels, switching to marginals past ``dense_max``."""
+        old_k, old_acc, old_dense = self._kcap, self._acc, self._dense
+        n = int(self._state[cpu.NLAB])
+        kcap = old_k
+        while kcap < need:
+            kcap *= 2
+        dense = old_dense and need <= self.dense_max
+        if dense:
+            kcap = min(kcap, self.dense_max)
+        self._alloc(kcap, dense)
+        if old_dense:
+            table = old_acc.reshape(old_k, old_k)[:n, :n]
+            if dense:
+                self._acc.reshape(kcap, kcap)[:n, :n] = table
+            else:
+                self._marginal_parts()[0][:n] = table.sum(axis=1)
+                self._marginal_parts()[1][:n] = table.sum(axis=0)
+                self._marginal_parts()[2][:n] = np.diagonal(table)
+        else:
+            for part in range(3):
+                self._acc[part * kcap : part * kcap + n] = old_acc[part * old_k : part * old_k + n]
+
+    def _grow_hash(self, extra: int = 1) -> None:
+        count = int(self._state[cpu.HCOUNT])
+        cap = max(64, len(self._hkeys))
+        while 2 * (count + extra) > cap:
+            cap *= 2
+        if cap == len(self._hkeys):
+            return
+        keys = self._hkeys[self._hvals >= 0]
+        vals = self._hvals[self._hvals >= 0]
+        self._hkeys = np.zeros(cap, dtype=np.uint64)
+        self._hvals = np.full(cap, -1, dtype=np.int32)
+        _reinsert(keys, vals, self._lut, self._hkeys, self._hvals)
+
+    def _marginal_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        k = self._kcap
+        return self._acc[:k], self._acc[k : 2 * k], self._acc[2 * k : 3 * k]
+
+    def _add_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Indices of label values ``keys`` (uint64), assigning new ones (in order) if needed."""
+        idx = _lookup_many(keys, self._lut, self._hkeys, self._hvals)
+        new = np.flatnonzero(idx < 0)
+        if len(new):
+            newkeys = keys[new]
+            _, first = np.unique(newkeys, return_index=True)
+            newkeys = newkeys[np.sort(first)]
+            n = int(self._state[cpu.NLAB])
+            if n + len(newkeys) > self._kcap:
+                self._grow_labels(n + len(newkeys))
+            big = int(np.count_nonzero(newkeys >= cpu.LUT_SIZE))
+            if big:
+                self._grow_hash(big)
+            self._keys[n : n + len(newkeys)] = newkeys
+            ids = np.arange(n, n + len(newkeys), dtype=np.int32)
+            _reinsert(newkeys, ids, self._lut, self._hkeys, self._hvals)
+            self._state[cpu.NLAB] = n + len(newkeys)
+            self._state[cpu.HCOUNT] += big
+            idx = _lookup_many(keys, self._lut, self._hkeys, self._hvals)
+        return idx
+
+    # ------------------------------------------------------------------ counting
+    def _check_usable(self) -> None:
+        if self._poisoned:
+            raise FastSegError(
+                f"this ConfusionMatrix holds partial counts of an update that failed ({self._poisoned}); "
+                "call reset() or create a new one"
+            )
+
+    def add_chunk(
+        self,
+        gt: np.ndarray,
+        pred: np.ndarray,
+        mask: np.ndarray | None = None,
+        *,
+        offset: tuple[int, ...] | None = None,
+    ) -> None:
+        """Count one in-memory chunk (ground truth first). Not thread-safe: one per worker.
+
+        ``offset`` is the chunk's position in the full volume, used in error messages.
+        """
+        self._check_usable()
+        if gt.shape != pred.shape:
+            raise InputError(f"gt chunk shape {gt.shape} differs from pred chunk shape {pred.shape}")
+        if mask is not None and mask.shape != gt.shape:
+            raise InputError(f"mask chunk shape {mask.shape} differs from gt chunk shape {gt.shape}")
+        gv, g_signed = label_view(gt, "gt")
+        pv, p_signed = label_view(pred, "pred")
+        ignore, has_ignore = _ignore_bits(self.ignore_label, gt.dtype)
+        g_pieces = as_3d(gv)
+        if mask is None:
+            m_pieces = [((), _NO_MASK)] * len(g_pieces)
+        else:
+            mv = mask if mask.dtype in (np.uint8, np.bool_) else (mask != 0)
+            m_pieces = as_3d(mv.view(np.uint8))
+        pieces = zip(g_pieces, as_3d(pv), m_pieces)
+        for (lead, g3), (_, p3), (_, m3) in pieces:
+            try:
+                self._count3(g3, p3, m3, mask is not None, ignore, has_ignore, g_signed, p_signed, gt, pred)
+            except LabelError as e:
+                self._poisoned = str(e)
+                pos = e.position
+                if pos is not None:
+                    inner = pos[3 - min(gt.ndim, 3) :] if gt.ndim < 3 else pos
+                    full = tuple(lead) + tuple(inner)
+                    if offset is not None:
+                        full = tuple(int(a) + int(b) for a, b in zip(offset, full))
+                    e.position = full
+                    e.args = (_label_message(e.role, e.value, full, self),)
+                raise
+
+    def _count3(self, g3, p3, m3, has_mask, ignore, has_ignore, g_signed, p_signed, gt, pred) -> None:
+        state = self._state
+        if self._direct:
+            k = self._kcap
+            gl = min(k, g_signed) if g_signed else k
+            pl = min(k, p_signed) if p_signed else k
+            status = cpu.count_direct(
+                g3, p3, m3, has_mask, np.uint64(ignore), has_ignore, np.uint64(gl), np.uint64(pl),
+                k, self._local, self._acc, state,
+            )  # fmt: skip
+        else:
+            start = 0
+            while True:
+                status = cpu.count_mapped(
+                    g3, p3, m3, has_mask, np.uint64(ignore), has_ignore, np.uint64(g_signed),
+                    np.uint64(p_signed), self._fixed, self._dense, self._lut, self._hkeys, self._hvals,
+                    self._keys, self._local, self._acc, state, start,
+                )  # fmt: skip
+                if status == cpu.GROW_LABELS:
+                    self._grow_labels(self._kcap + 1)
+                elif status == cpu.GROW_HASH:
+                    self._grow_hash()
+                else:
+                    break
+                start = int(state[cpu.POS])
+        if status in (cpu.BAD_GT, cpu.BAD_PRED):
+            role = "gt" if status == cpu.BAD_GT else "pred"
+            src = gt if role == "gt" else pred
+            value = _as_value(int(state[cpu.VALUE]), src.dtype)
+            pos = tuple(int(x) for x in np.unravel_index(int(state[cpu.POS]), g3.shape))
+            raise LabelError(_label_message(role, value, pos, self), role=role, value=value, position=pos)
+
+    def update(self, pred: Any, gt: Any, mask: Any = None, **engine_options: Any) -> ConfusionMatrix:
+        """Add the counts of one batch (prediction first, ground truth second).
+
+        Accepts what :func:`fastseg_eval.evaluate` accepts: numpy arrays (and array-likes such as
+        CPU tensors), dask arrays, zarr arrays and zarr paths. Returns ``self``.
+        """
+        from .engine import count_into  # local import: engine depends on this module
+
+        count_into(self, pred, gt, mask, **engine_options)
+        return self
+
+    # ------------------------------------------------------------------ combining
+    def spawn(self) -> ConfusionMatrix:
+        """An empty accumulator with the same label space and options (for another worker)."""
+        num_classes, labels = self._config
+        return ConfusionMatrix(
+            num_classes, labels=labels, ignore_label=self.ignore_label, dense_max=self.dense_max
+        )
+
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        """Add the counts of ``other`` into this accumulator (label spaces are unified). Returns ``self``."""
+        self._check_usable()
+        other._check_usable()
+        if other.ignore_label != self.ignore_label:
+            raise OptionError(
+                f"cannot merge accumulators with different ignore labels ({self.ignore_label} and {other.ignore_label})"
+            )
+        n_other = int(other._state[cpu.NLAB])
+        keys = other._keys[:n_other]
+        if self._fixed:
+            idx = _lookup_many(keys, self._lut, self._hkeys, self._hvals)
+            missing = keys[idx < 0]
+            if len(missing):
+                # labels the other side has but that carry no counts can be dropped safely
+                present = other._present_mask()[idx < 0]
+                if present.any():
+                    raise OptionError(
+                        f"cannot merge: the other accumulator counted label {int(missing[present][0])}, "
+                        f"which is not among this one's labels"
+                    )
+                keep = idx >= 0
+            else:
+                keep = np.ones(n_other, dtype=bool)
+        else:
+            idx = self._add_keys(keys)
+            keep = np.ones(n_other, dtype=bool)
+        if self._dense and not other._dense:
+            self._grow_labels_to_marginals()
+        src_idx = np.flatnonzero(keep)
+        dst = idx[keep].astype(np.intp)
+        if self._dense:
+            ko = other._kcap
+            table = other._acc.reshape(ko, ko)[np.ix_(src_idx, src_idx)]
+            self._acc.reshape(self._kcap, self._kcap)[np.ix_(dst, dst)] += table
+        else:
+            for mine, theirs in zip(self._marginal_parts(), other._marginals_raw()):
+                mine[dst] += theirs[src_idx]
+        for slot in (cpu.NIGNORED, cpu.NMASKED):
+            self._state[slot] += other._state[slot]
+        return self
+
+    def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        out = self.copy()
+        return out.merge(other)
+
+    def copy(self) -> ConfusionMatrix:
+        """A deep copy."""
+        import copy
+
+        return copy.deepcopy(self)
+
+    def _grow_labels_to_marginals(self) -> None:
+        saved = self.dense_max
+        self.dense_max = 0
+        try:
+            self._grow_labels(self._kcap)
+        finally:
+            self.dense_max = saved
+
+    def _marginals_raw(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(gt counts, pred counts, diagonal) in internal index order, length NLAB."""
+        n = int(self._state[cpu.NLAB])
+        if self._dense:
+            t = self._acc.reshape(self._kcap, self._kcap)[:n, :n]
+            return t.sum(axis=1), t.sum(axis=0), np.diagonal(t).copy()
+        g, p, d = self._marginal_parts()
+        return g[:n], p[:n], d[:n]
+
+    def _present_mask(self) -> np.ndarray:
+        g, p, _ = self._marginals_raw()
+        return (g > 0) | (p > 0)
+
+    def reset(self) -> None:
+        """Forget every count (the label space of ``num_classes`` / ``labels`` stays)."""
+        fresh = self.spawn()
+        self.__dict__.update(fresh.__dict__)
+
+    # ------------------------------------------------------------------ results
+    def _order(self) -> np.ndarray:
+        n = int(self._state[cpu.NLAB])
+        if self._fixed:
+            return np.arange(n)
+        return np.argsort(self._keys[:n], kind="stable")
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Label values of the rows / columns, in order (int64, or uint64 for ids >= 2**63)."""
+        n = int(self._state[cpu.NLAB])
+        keys = self._keys[:n][self._order()]
+        if n and keys.max() >= np.uint64(1 << 63):
+            return keys.copy()
+        return keys.astype(np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of labels (rows) so far."""
+        return int(self._state[cpu.NLAB])
+
+    @property
+    def is_dense(self) -> bool:
+        """True when the full K x K table is kept (False in diagonal + marginals mode)."""
+        return self._dense
+
+    @property
+    def counts(self) -> np.ndarray:
+        """The (K, K) int64 matrix, rows = ground truth, columns = prediction, in :attr:`labels` order."""
+        self._check_usable()
+        if not self._dense:
+            raise FastSegError(
+                f"{self.num_classes} labels exceed dense_max={self.dense_max}: only the diagonal and the "
+                "marginals are kept (every per-class metric is still exact); use .diagonal, .gt_counts "
+                "and .pred_counts, or pass a larger dense_max"
+            )
+        n = int(self._state[cpu.NLAB])
+        o = self._order()
+        return self._acc.reshape(self._kcap, self._kcap)[:n, :n][np.ix_(o, o)].copy()
+
+    @property
+    def diagonal(self) -> np.ndarray:
+        """True positives per label (int64), in :attr:`labels` order."""
+        return self._marginals_raw()[2][self._order()].astype(np.int64)
+
+    @property
+    def gt_counts(self) -> np.ndarray:
+        """Ground-truth voxels per label (row sums, the support), in :attr:`labels` order."""
+        return self._marginals_raw()[0][self._order()].astype(np.int64)
+
+    @property
+    def pred_counts(self) -> np.ndarray:
+        """Predicted voxels per label (column sums), in :attr:`labels` order."""
+        return self._marginals_raw()[1][self._order()].astype(np.int64)
+
+    @property
+    def n_voxels(self) -> int:
+        """Voxels counted (not ignored, not masked out)."""
+        return int(self._marginals_raw()[0].sum())
+
+    @property
+    def n_ignored(self) -> int:
+        """Ground-truth voxels skipped because they carry the ignore label."""
+        return int(self._state[cpu.NIGNORED])
+
+    @property
+    def n_masked(self) -> int:
+        """Voxels skipped because the mask is zero there."""
+        return int(self._state[cpu.NMASKED])
+
+    def result(self, **options: Any):
+        """Metrics of the counts so far: an :class:`~fastseg_eval.report.EvaluationResult`.
+
+        Keyword options are those of :func:`fastseg_eval.evaluate` that act on the matrix
+        (``tversky_alpha``, ``tversky_beta``, ``smooth``, ``empty``, ``label_names``, ...).
+        """
+        from .report import result_from_counts
+
+        return result_from_counts(self, **options)
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        n = int(self._state[cpu.NLAB])
+        g, p, d = self._marginals_raw()
+        table = self._acc.reshape(self._kcap, self._kcap)[:n, :n].copy() if self._dense else None
+        return {
+            "config": self._config,
+            "ignore_label": self.ignore_label,
+            "dense_max": self.dense_max,
+            "keys": self._keys[:n].copy(),
+            "table": table,
+            "marginals": None if self._dense else (g.copy(), p.copy(), d.copy()),
+            "n_ignored": int(self._state[cpu.NIGNORED]),
+            "n_masked": self.n_masked,
+            "poisoned": self._poisoned,
+        }
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        num_classes, labels = st["config"]
+        self.__init__(num_classes, labels=labels, ignore_label=st["ignore_label"], dense_max=st["dense_max"])
+        keys = st["keys"]
+        idx = self._add_keys(keys).astype(np.intp)
+        if st["table"] is not None:
+            if not self._dense:
+                g, p, d = st["table"].sum(axis=1), st["table"].sum(axis=0), np.diagonal(st["table"])
+                for mine, theirs in zip(self._marginal_parts(), (g, p, d)):
+                    mine[idx] += theirs
+            else:
+                self._acc.reshape(self._kcap, self._kcap)[np.ix_(idx, idx)] += st["table"]
+        else:
+            if self._dense:
+                self._grow_labels_to_marginals()
+            for mine, theirs in zip(self._marginal_parts(), st["marginals"]):
+                mine[idx] += theirs
+        self._state[cpu.NIGNORED] = st["n_ignored"]
+        self._state[cpu.NMASKED] = st["n_masked"]
+        self._poisoned = st["poisoned"]
+
+    def __deepcopy__(self, memo: dict) -> ConfusionMatrix:
+        new = ConfusionMatrix.__new__(ConfusionMatrix)
+        new.__setstate__(self.__getstate__())
+        return new
+
+    def __repr__(self) -> str:
+        mode = "dense" if self._dense else "diagonal+marginals"
+        return f"ConfusionMatrix(num_classes={self.num_classes}, n_voxels={self.n_voxels}, mode={mode})"
+
+
+_NO_MASK = np.ones((1, 1, 1), dtype=np.uint8)
+
+
+def _resized(a: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=a.dtype)
+    m = min(n, len(a))
+    out[:m] = a[:m]
+    return out
+
+
+def _check_ignore(ignore_label: Any) -> int | None:
+    if ignore_label is None:
+        return None
+    if isinstance(ignore_label, bool) or not isinstance(ignore_label, (int, np.integer)):
+        raise OptionError(f"ignore_label must be an integer, got {ignore_label!r}")
+    return int(ignore_label)
+
+
+def _is_range(labels: list[int]) -> bool:
+    return all(v == i for i, v in enumerate(labels))
+
+
+def _fixed_labels(num_classes: Any, labels: Any, ignore_label: int | None) -> list[int] | None:
+    if num_classes is not None and labels is not None:
+        labels = [int(x) for x in labels]
+        if len(labels) != num_classes:
+            raise OptionError(
+                f"num_classes={num_classes} but {len(labels)} labels were given; pass one of them"
+            )
+    if labels is not None:
+        out = []
+        for x in labels:
+            if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+                raise OptionError(f"labels must be integers, got {x!r}")
+            if int(x) < 0:
+                raise OptionError(f"labels must be non-negative, got {int(x)}")
+            if int(x) >= 1 << 64:
+                raise OptionError(f"label {int(x)} does not fit in 64 bits")
+            out.append(int(x))
+        if len(set(out)) != len(out):
+            dup = next(x for x in out if out.count(x) > 1)
+            raise OptionError(f"labels must be unique, {dup} appears twice")
+        if not out:
+            raise OptionError("labels is empty; give at least one label")
+        if ignore_label is not None and ignore_label in out:
+            raise OptionError(
+                f"ignore_label {ignore_label} is also listed in labels; remove it from one of them"
+            )
+        return out
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise OptionError(f"num_classes must be a positive integer, got {num_classes!r}")
+        return list(range(int(num_classes)))
+    return None
+
+
+def _label_message(role: str, value: int, position: tuple[int, ...] | None, acc: ConfusionMatrix) -> str:
+    where = f" at voxel {tuple(position)}" if position is not None else ""
+    if value < 0:
+        why = "negative labels cannot be counted"
+        if role == "gt":
+            why += "; if it marks voxels to skip, pass ignore_label=" + str(value)
+    elif acc._config[1] is not None:
+        why = f"it is not among the given labels; add it to labels or, in gt, pass ignore_label={value}"
+    elif acc._config[0] is not None:
+        why = f"num_classes={acc._config[0]} allows 0..{acc._config[0] - 1}; raise num_classes"
+        if role == "gt":
+            why += f" or pass ignore_label={value}"
+    else:
+        why = "it cannot be counted"
+    return f"{role} has label {value}{where}: {why}"
+
+
+# small numba helpers for Python-side label bookkeeping ----------------------------------------
+from numba import njit  # noqa: E402
+
+
+@njit(cache=True)
+def _lookup_many(keys, lut, hkeys, hvals):
+    out = np.empty(keys.shape[0], dtype=np.int64)
+    for i in range(keys.shape[0]):
+        out[i] = cpu.lookup_label(keys[i], lut, hkeys, hvals)
+    return out
+
+
+@njit(cache=True)
+def _reinsert(keys, vals, lut, hkeys, hvals):
+    for i in range(keys.shape[0]):
+        cpu.insert_label(keys[i], vals[i], lut, hkeys, hvals)

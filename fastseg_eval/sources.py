@@ -1,0 +1,306 @@
+"""Inputs: open numpy / dask / zarr arrays and zarr paths or URLs read-only, and validate them.
+
+A path may address a node inside a store (``pred.zarr/labels/cells/0``), a store inside a zip
+file (``pred.zip`` or ``pred.zip/seg``), or an OME-Zarr image or label group, whose
+full-resolution level is chosen unless ``level`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+ROLES = {"pred": "prediction", "gt": "ground truth", "mask": "mask"}
+
+
+@dataclass
+class Volume:
+    """One input volume and where it came from."""
+
+    role: str
+    source: str
+    kind: str  # "numpy" | "zarr" | "dask"
+    array: Any
+    url: str | None = None  # the store's address, for reopening on dask workers
+    key: str | None = None  # node path inside the store
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        """Regular chunk shape of a zarr array, None otherwise (dask chunks: ``array.chunks``)."""
+        if self.kind == "zarr":
+            return tuple(int(c) for c in self.array.chunks)
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        chunks: Any = self.chunks
+        if self.kind == "dask":
+            chunks = [list(c) for c in self.array.chunks]
+        return {"source": self.source, "shape": list(self.shape), "dtype": str(self.dtype), "chunks": chunks}
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        """Voxels of ``region`` as a numpy array (a view for numpy inputs)."""
+        if self.kind == "numpy":
+            return self.array[region]
+        try:
+            out = self.array[region]
+        except Exception as e:  # a codec or store error: name the chunk and the input
+            where = ", ".join(f"{s.start}:{s.stop}" for s in region)
+            raise InputError(
+                f"{self.role} ({self.source}): cannot read voxels [{where}]: {type(e).__name__}: {e}. "
+                "The chunk file may be truncated or corrupted."
+            ) from e
+        return np.asarray(out)
+
+
+def _is_dask(obj: Any) -> bool:
+    try:
+        import dask.array as da
+    except ImportError:  # pragma: no cover - dask is a core dependency
+        return False
+    return isinstance(obj, da.Array)
+
+
+def open_volume(
+    obj: Any,
+    role: str,
+    *,
+    key: str | None = None,
+    level: int | str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Volume:
+    """Wrap ``obj`` (array, dask array, zarr array or group, path or URL) as a read-only :class:`Volume`."""
+    import zarr
+
+    if isinstance(obj, Volume):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        return _open_path(os.fspath(obj), role, key=key, level=level, storage_options=storage_options)
+    if _is_dask(obj):
+        return Volume(role, f"dask array {obj.shape} {obj.dtype}", "dask", obj)
+    if isinstance(obj, zarr.Array):
+        return _zarr_volume(obj, role, _zarr_source(obj), None, None, storage_options)
+    if isinstance(obj, zarr.Group):
+        arr, inner = _resolve_group(obj, role, _zarr_source(obj), key, level)
+        return _zarr_volume(arr, role, _zarr_source(arr), None, None, storage_options)
+    try:
+        arr = np.asarray(obj)
+    except Exception as e:
+        raise InputError(
+            f"{role}: cannot use an object of type {type(obj).__name__} as a volume ({e})"
+        ) from e
+    if arr.dtype == object:
+        raise InputError(f"{role}: an object of type {type(obj).__name__} is not an array of labels")
+    return Volume(role, f"numpy array {arr.shape} {arr.dtype}", "numpy", arr)
+
+
+def _zarr_source(arr: Any) -> str:
+    try:
+        return f"{arr.store}/{arr.path}".rstrip("/") if arr.path else str(arr.store)
+    except Exception:  # pragma: no cover - exotic stores
+        return "zarr array"
+
+
+def _zarr_volume(arr, role, source, url, key, storage_options) -> Volume:
+    return Volume(role, source, "zarr", arr, url=url, key=key, storage_options=storage_options)
+
+
+def _split_zip(path: str) -> tuple[str, str] | None:
+    """``("a/b.zip", "inner/key")`` for ``a/b.zip/inner/key``; None if no component ends in .zip."""
+    parts = path.replace("\\", "/").split("/")
+    for i, part in enumerate(parts):
+        if part.lower().endswith(".zip"):
+            return "/".join(parts[: i + 1]), "/".join(parts[i + 1 :])
+    return None
+
+
+def _open_path(
+    path: str,
+    role: str,
+    *,
+    key: str | None,
+    level: int | str | None,
+    storage_options: dict[str, Any] | None,
+) -> Volume:
+    import zarr
+    import zarr.storage
+
+    label = f"{role} ({ROLES.get(role, role)})"
+    remote = "://" in path and not path.startswith("file://")
+    local = path[len("file://") :] if path.startswith("file://") else path
+    store: Any
+    inner = key or ""
+    zip_parts = None if remote else _split_zip(local)
+    try:
+        if zip_parts is not None:
+            zpath, zkey = zip_parts
+            if not os.path.isfile(zpath):
+                raise InputError(f"{label}: no such zip file: {zpath}")
+            store = zarr.storage.ZipStore(zpath, mode="r")
+            inner = "/".join(p for p in (zkey, inner) if p)
+        elif remote:
+            store = zarr.storage.FsspecStore.from_url(path, storage_options=storage_options, read_only=True)
+        else:
+            if not os.path.exists(local):
+                raise InputError(f"{label}: no such file or directory: {local}")
+            if os.path.isfile(local):
+                raise InputError(
+                    f"{label}: {local} is a file, not a zarr store (expected a directory with zarr.json, "
+                    ".zarray or .zgroup, or a .zip store)"
+                )
+            store = zarr.storage.LocalStore(local, read_only=True)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{label}: cannot open {path}: {type(e).__name__}: {e}") from e
+    try:
+        node = zarr.open(store=store, mode="r", path=inner or None)
+    except Exception as e:
+        where = f"{path}" + (f" (key {inner!r})" if inner and zip_parts is None else "")
+        if isinstance(e, (FileNotFoundError, KeyError)) or type(e).__name__ in (
+            "NodeNotFoundError",
+            "GroupNotFoundError",
+            "ArrayNotFoundError",
+        ):
+            raise InputError(
+                f"{label}: {where} is not a zarr array or group (no zarr.json, .zarray or .zgroup there)"
+            ) from e
+        raise InputError(f"{label}: cannot read zarr metadata of {where}: {type(e).__name__}: {e}") from e
+    source = path if not inner or zip_parts is not None else f"{path}::{inner}"
+    if isinstance(node, zarr.Group):
+        node, sub = _resolve_group(node, role, source, None, level)
+        if sub:
+            inner = "/".join(p for p in (inner, sub) if p)
+            source = f"{source}/{sub}" if "::" not in source else f"{source}/{sub}"
+    return _zarr_volume(node, role, source, path, inner or None, storage_options)
+
+
+def _ome_multiscales(attrs: dict[str, Any]) -> list[dict[str, Any]] | None:
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    ms = ome.get("multiscales") if isinstance(ome, dict) else None
+    return ms if isinstance(ms, list) and ms else None
+
+
+def _ome_labels(attrs: dict[str, Any]) -> list[str] | None:
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    labels = ome.get("labels") if isinstance(ome, dict) else None
+    return [str(x) for x in labels] if isinstance(labels, list) else None
+
+
+def _resolve_group(
+    group: Any, role: str, source: str, key: str | None, level: int | str | None
+) -> tuple[Any, str]:
+    """The array a group stands for, and its path relative to the group."""
+    import zarr
+
+    label = f"{role} ({ROLES.get(role, role)})"
+    if key:
+        try:
+            node = group[key]
+        except KeyError:
+            raise InputError(f"{label}: {source} has no member {key!r}") from None
+        if isinstance(node, zarr.Array):
+            return node, key
+        arr, sub = _resolve_group(node, role, f"{source}/{key}", None, level)
+        return arr, f"{key}/{sub}"
+    attrs = dict(group.attrs)
+    ms = _ome_multiscales(attrs)
+    if ms is not None:
+        datasets = ms[0].get("datasets") or []
+        paths = [str(d.get("path")) for d in datasets if isinstance(d, dict) and "path" in d]
+        if not paths:
+            raise InputError(f"{label}: {source} has OME-Zarr multiscales metadata without datasets")
+        if level is None:
+            chosen = paths[0]
+        elif isinstance(level, int) or (isinstance(level, str) and level.isdigit() and level not in paths):
+            i = int(level)
+            if not 0 <= i < len(paths):
+                raise InputError(
+                    f"{label}: level {i} does not exist in {source}; it has {len(paths)} levels (0..{len(paths) - 1})"
+                )
+            chosen = paths[i]
+        elif str(level) in paths:
+            chosen = str(level)
+        else:
+            raise InputError(f"{label}: level {level!r} is not one of {paths} in {source}")
+        node = group[chosen]
+        if not isinstance(node, zarr.Array):
+            raise InputError(f"{label}: {source}/{chosen} (a multiscale level) is not an array")
+        return node, chosen
+    names = _ome_labels(attrs)
+    if names is None and "labels" in group and isinstance(group["labels"], zarr.Group):
+        names = _ome_labels(dict(group["labels"].attrs))
+        if names is not None:
+            if len(names) == 1:
+                arr, sub = _resolve_group(
+                    group["labels"][names[0]], role, f"{source}/labels/{names[0]}", None, level
+                )
+                return arr, f"labels/{names[0]}/{sub}"
+            raise InputError(
+                f"{label}: {source} is an OME-Zarr image with {len(names)} label images ({', '.join(names)}); "
+                f"address one, e.g. {source}/labels/{names[0]}"
+            )
+    if names is not None:  # the labels group itself
+        if len(names) == 1:
+            arr, sub = _resolve_group(group[names[0]], role, f"{source}/{names[0]}", None, level)
+            return arr, f"{names[0]}/{sub}"
+        raise InputError(
+            f"{label}: {source} holds {len(names)} label images ({', '.join(names)}); address one, e.g. {source}/{names[0]}"
+        )
+    arrays = sorted(name for name, _ in group.arrays())
+    if len(arrays) == 1:
+        return group[arrays[0]], arrays[0]
+    groups = sorted(name for name, _ in group.groups())
+    if not arrays:
+        inside = f" (it holds groups: {', '.join(groups[:10])})" if groups else " (it is empty)"
+        raise InputError(
+            f"{label}: {source} is a zarr group with no array{inside}; address an array inside it"
+        )
+    raise InputError(
+        f"{label}: {source} is a zarr group with {len(arrays)} arrays ({', '.join(arrays[:10])}); "
+        f"address one, e.g. {source}/{arrays[0]}"
+    )
+
+
+def check_volumes(
+    pred: Volume, gt: Volume, mask: Volume | None, *, pred_shape: tuple[int, ...] | None = None
+) -> None:
+    """Shapes and dtypes that can be counted together; raises :class:`InputError` otherwise."""
+    ps = pred_shape if pred_shape is not None else pred.shape
+    if ps != gt.shape:
+        raise InputError(
+            f"prediction shape {ps} ({pred.source}) differs from ground-truth shape {gt.shape} ({gt.source}); "
+            "they must match voxel for voxel (check the order PRED GT and any level / key)"
+        )
+    for v in (gt, pred) if pred_shape is None else (gt,):
+        if v.dtype.kind not in "iub":
+            hint = (
+                " For probability maps pass threshold= (binary) or channel_axis= (argmax)."
+                if v.dtype.kind == "f" and v.role == "pred"
+                else ""
+            )
+            raise InputError(
+                f"{v.role} ({v.source}) has dtype {v.dtype}: labels must be integers or bool.{hint}"
+            )
+    if mask is not None:
+        if mask.shape != gt.shape:
+            raise InputError(
+                f"mask shape {mask.shape} ({mask.source}) differs from the volumes' shape {gt.shape}"
+            )
+        if mask.dtype.kind not in "iub":
+            raise InputError(
+                f"mask ({mask.source}) has dtype {mask.dtype}: a mask must be bool or integer (nonzero = count)"
+            )
