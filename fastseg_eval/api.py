@@ -199,7 +199,7 @@ def confusion_matrix(
     >>> fse.confusion_matrix(np.array([0, 1, 1]), np.array([0, 0, 1]), num_classes=2).tolist()
     [[1, 1], [0, 1]]
     """
-    resolve_backend(backend)
+    chosen = resolve_backend(backend)
     nworkers = check_workers(workers)
     k = num_classes if num_classes is not None else (len(labels) if labels is not None else None)
     if k is not None and k > CONFUSION_MATRIX_MAX:
@@ -212,7 +212,7 @@ def confusion_matrix(
     pv, gv, mv = _open_all(
         pred, gt, mask, pred_key=None, gt_key=None, mask_key=None, level=None, storage_options=None
     )
-    count_into(acc, None, None, workers=nworkers, volumes=(pv, gv, mv))
+    count_into(acc, None, None, workers=nworkers, volumes=(pv, gv, mv), backend=chosen)
     if not acc.is_dense:
         raise FastSegError(
             f"{acc.num_classes} distinct labels: more than {CONFUSION_MATRIX_MAX}, too many for a dense matrix; "

@@ -79,11 +79,13 @@ def count_into(
     scheduler: Any = None,
     progress: Callable[[int], None] | None = None,
     volumes: tuple[Volume, Volume, Volume | None] | None = None,
+    backend: str = "cpu",
 ) -> RunStats:
     """Count ``pred`` against ``gt`` (optionally under ``mask``) into ``acc``.
 
     ``acc`` is only changed if the whole run succeeds. ``progress`` is called with the number of
-    voxels each finished unit covered.
+    voxels each finished unit covered. ``backend`` is a resolved backend name (``"cpu"`` or
+    ``"cuda"``, see :mod:`fastseg_eval.backends`).
     """
     if volumes is None:
         pv, gv = open_volume(pred, "pred"), open_volume(gt, "gt")
@@ -94,9 +96,11 @@ def count_into(
     nworkers = check_workers(workers)
     t0 = time.perf_counter()
     if scheduler is not None or any(v is not None and v.kind == "dask" for v in (pv, gv, mv)):
-        stats = _run_dask(acc, gv, pv, mv, scheduler, progress)
+        from .dask_engine import run_dask
+
+        stats = run_dask(acc, gv, pv, mv, scheduler=scheduler, progress=progress, backend=backend)
     else:
-        stats = _run_threads(acc, gv, pv, mv, nworkers, progress)
+        stats = _run_threads(acc, gv, pv, mv, nworkers, progress, backend)
     stats.seconds = time.perf_counter() - t0
     stats.voxels = int(np.prod(gv.shape, dtype=np.int64))
     return stats
@@ -296,9 +300,21 @@ def _view(piece: np.ndarray, origin: Sequence[int], cell: Region) -> np.ndarray:
     return piece[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(cell, origin))]
 
 
-def _count_unit(
-    counter: ConfusionMatrix, plan: _Plan, gv: Volume, pv: Volume, mv: Volume | None, unit: Region
-) -> None:
+def make_counter(acc: ConfusionMatrix, backend: str) -> Any:
+    """A per-worker counter: ``add_chunk(gt, pred, mask, offset=...)``, then :func:`finish_counter`."""
+    if backend == "cuda":
+        from .kernels.cuda import CudaCounter
+
+        return CudaCounter(acc.spawn())
+    return acc.spawn()
+
+
+def finish_counter(counter: Any) -> ConfusionMatrix:
+    """The accumulator that a counter from :func:`make_counter` filled."""
+    return counter if isinstance(counter, ConfusionMatrix) else counter.finish()
+
+
+def _count_unit(counter: Any, plan: _Plan, gv: Volume, pv: Volume, mv: Volume | None, unit: Region) -> None:
     vols = [gv, pv] + ([mv] if mv is not None else [])
     fetched = [plan.pieces(v, unit) for v in vols]
     cut_lists = [f[0] for f in fetched]
@@ -326,6 +342,7 @@ def _run_threads(
     mv: Volume | None,
     workers: int,
     progress: Callable[[int], None] | None,
+    backend: str = "cpu",
 ) -> RunStats:
     vols = [gv, pv] + ([mv] if mv is not None else [])
     plan = _Plan(vols, workers)
@@ -334,9 +351,9 @@ def _run_threads(
     units = plan.units()
     lock = threading.Lock()
     stop = threading.Event()
-    counters = [acc.spawn() for _ in range(workers)]
+    counters = [make_counter(acc, backend) for _ in range(workers)]
 
-    def work(counter: ConfusionMatrix) -> None:
+    def work(counter: Any) -> None:
         while not stop.is_set():
             with lock:
                 unit = next(units, None)
@@ -365,7 +382,7 @@ def _run_threads(
             for f in futures:
                 f.result()
     for c in counters:
-        acc.merge(c)
+        acc.merge(finish_counter(c))
     zarrs = [v for v in vols if v.kind == "zarr"]
     return RunStats(
         engine="threads",
@@ -374,76 +391,3 @@ def _run_threads(
         chunks_decoded=plan.decodes(),
         chunks_total={v.role: math.prod(len(b) - 1 for b in plan.bounds[v.role]) for v in zarrs},
     )
-
-
-# --------------------------------------------------------------------------------- dask engine
-def _as_dask(vol: Volume, like: Any = None) -> Any:
-    import dask.array as da
-
-    if vol.kind == "dask":
-        return vol.array
-    if vol.kind == "zarr":
-        return da.from_array(vol.array, chunks=vol.array.chunks, lock=False, asarray=True, inline_array=True)
-    chunks = like.chunks if like is not None else auto_chunks(vol.shape)
-    return da.from_array(vol.array, chunks=chunks)
-
-
-def _count_block(
-    template: ConfusionMatrix, gt: np.ndarray, pred: np.ndarray, mask: Any, offset: tuple[int, ...]
-) -> ConfusionMatrix:
-    acc = template.spawn()
-    acc.add_chunk(np.asarray(gt), np.asarray(pred), None if mask is None else np.asarray(mask), offset=offset)
-    return acc
-
-
-def _merge_all(*parts: ConfusionMatrix) -> ConfusionMatrix:
-    out = parts[0].copy()
-    for p in parts[1:]:
-        out.merge(p)
-    return out
-
-
-def tree_sum(parts: list[Any], fan_in: int = 8) -> Any:
-    """Tree-merge delayed partial accumulators, ``fan_in`` at a time."""
-    import dask
-
-    merge = dask.delayed(_merge_all, pure=True)
-    while len(parts) > 1:
-        parts = [merge(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
-    return parts[0]
-
-
-def _run_dask(
-    acc: ConfusionMatrix,
-    gv: Volume,
-    pv: Volume,
-    mv: Volume | None,
-    scheduler: Any,
-    progress: Callable[[int], None] | None,
-) -> RunStats:
-    import dask
-    from dask.array.core import unify_chunks
-
-    like = next((v.array for v in (gv, pv, mv) if v is not None and v.kind == "dask"), None)
-    arrays = [_as_dask(v, like) for v in (gv, pv, mv) if v is not None]
-    ind = "".join(chr(ord("a") + i) for i in range(len(gv.shape)))
-    _, arrays = unify_chunks(*itertools.chain.from_iterable((a, ind) for a in arrays))
-    chunks = arrays[0].chunks
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int).tolist() for c in chunks]
-    blocks = [a.to_delayed().ravel() for a in arrays]
-    template = acc.spawn()
-    count = dask.delayed(_count_block, pure=True)
-    parts = []
-    for i, idx in enumerate(itertools.product(*(range(len(c)) for c in chunks))):
-        offset = tuple(starts[a][j] for a, j in enumerate(idx))
-        m = blocks[2][i] if mv is not None else None
-        parts.append(count(template, blocks[0][i], blocks[1][i], m, offset))
-    if not parts:
-        return RunStats(engine="dask", workers=0, units=0)
-    total = tree_sum(parts)
-    kwargs = {} if scheduler is None else {"scheduler": scheduler}
-    (result,) = dask.compute(total, **kwargs)
-    acc.merge(result)
-    if progress is not None:
-        progress(int(np.prod(gv.shape, dtype=np.int64)))
-    return RunStats(engine="dask", workers=0, units=len(parts))
