@@ -13,6 +13,7 @@ from .backends import resolve_backend
 from .confusion import DENSE_MAX, ConfusionMatrix
 from .engine import check_workers, count_into
 from .errors import FastSegError, OptionError
+from .probability import check_bins, make_spec
 from .progress import ProgressBar
 from .report import EvaluationResult, check_metric_options
 from .sources import check_volumes, open_volume
@@ -26,12 +27,9 @@ CONFUSION_MATRIX_MAX = 4096
 def _open_all(pred, gt, mask, *, pred_key, gt_key, mask_key, level, storage_options):
     pv = open_volume(pred, "pred", key=pred_key, level=level, storage_options=storage_options)
     gv = open_volume(gt, "gt", key=gt_key, level=level, storage_options=storage_options)
-    mv = (
-        None
-        if mask is None
-        else open_volume(mask, "mask", key=mask_key, level=level, storage_options=storage_options)
-    )
-    check_volumes(pv, gv, mv)
+    mv = None
+    if mask is not None:
+        mv = open_volume(mask, "mask", key=mask_key, level=level, storage_options=storage_options)
     return pv, gv, mv
 
 
@@ -56,6 +54,7 @@ def evaluate(
     threshold: float | None = None,
     channel_axis: int | None = None,
     thresholds: int | None = None,
+    prob_scale: float | None = None,
     tversky_alpha: float = 0.5,
     tversky_beta: float = 0.5,
     smooth: float = 0.0,
@@ -90,6 +89,18 @@ def evaluate(
         Ground-truth value whose voxels are skipped entirely (reported as ``n_ignored``).
     mask : array-like or path, optional
         Count only voxels where the mask is nonzero.
+    threshold : float, optional
+        ``pred`` is a binary probability map: a voxel is predicted label 1 iff ``p > threshold``
+        (default 0.5 when ``thresholds`` or ``prob_scale`` is given without it).
+    channel_axis : int, optional
+        ``pred`` holds one probability per class along this axis (which may be chunked); the
+        predicted label is the argmax (first channel on ties).
+    thresholds : int, optional
+        Also sweep the threshold in the same pass, with this many bins (e.g. 1000): per-class
+        TP/FP/FN/TN exact for "p > i / B", ROC AUC, average precision, best Dice / IoU
+        threshold, in ``result.curves``.
+    prob_scale : float, optional
+        ``pred`` holds integers meaning ``value / prob_scale`` (e.g. 255 for uint8 maps).
     tversky_alpha, tversky_beta : float
         Tversky index ``TP / (TP + alpha FP + beta FN)``: alpha weights false positives.
     smooth : float
@@ -135,16 +146,20 @@ def evaluate(
     names = M.resolve_metrics(metrics)
     nworkers = check_workers(workers)
     chosen = resolve_backend(backend)
-    if threshold is not None or channel_axis is not None or thresholds is not None:
-        raise OptionError(
-            "probability maps (threshold=, channel_axis=, thresholds=) are not supported yet; "
-            "pass integer label volumes"
-        )
+    check_bins(thresholds)
     pv, gv, mv = _open_all(
         pred, gt, mask, pred_key=pred_key, gt_key=gt_key, mask_key=mask_key, level=level,
         storage_options=storage_options,
     )  # fmt: skip
-    acc = ConfusionMatrix(num_classes, labels=labels, ignore_label=ignore_label)
+    spec, axis = make_spec(
+        pv.dtype, len(pv.shape), len(gv.shape), pv.shape, threshold=threshold, channel_axis=channel_axis,
+        thresholds=thresholds, prob_scale=prob_scale, num_classes=num_classes, labels=labels,
+    )  # fmt: skip
+    pv.channel_axis = axis
+    check_volumes(pv, gv, mv, pred_shape=pv.spatial_shape if spec is not None else None)
+    acc = ConfusionMatrix(
+        num_classes, labels=labels, ignore_label=ignore_label, probability=spec, channel_axis=axis
+    )
     total = int(np.prod(gv.shape, dtype=np.int64))
     bar = _progress(progress, total)
     try:
@@ -166,10 +181,18 @@ def evaluate(
         "chunks_total": stats.chunks_total,
     }
     options = {
-        "num_classes": num_classes,
+        "num_classes": acc._config[0],
         "labels": None if labels is None else [int(x) for x in labels],
         "mask": None if mv is None else mv.source,
+        "prediction": "labels" if spec is None else spec.mode,
     }
+    if spec is not None:
+        options.update(
+            threshold=spec.threshold if spec.mode == "threshold" else None,
+            channel_axis=axis,
+            prob_scale=spec.scale,
+            thresholds=spec.bins or None,
+        )
     return acc.result(
         metrics=names, tversky_alpha=tversky_alpha, tversky_beta=tversky_beta, smooth=smooth, empty=empty,
         background_label=background_label, label_names=label_names, inputs=inputs, options=options,
@@ -212,6 +235,7 @@ def confusion_matrix(
     pv, gv, mv = _open_all(
         pred, gt, mask, pred_key=None, gt_key=None, mask_key=None, level=None, storage_options=None
     )
+    check_volumes(pv, gv, mv)
     count_into(acc, None, None, workers=nworkers, volumes=(pv, gv, mv), backend=chosen)
     if not acc.is_dense:
         raise FastSegError(

@@ -21,6 +21,8 @@ import numpy as np
 
 from .errors import FastSegError, InputError, LabelError, OptionError
 from .kernels import cpu
+from .kernels import prob as prob_kernels
+from .probability import ProbabilitySpec, make_spec
 
 DENSE_MAX = 1024
 """Largest label count kept as a dense K x K table; beyond it the accumulator keeps 3 x K counts."""
@@ -124,9 +126,39 @@ class ConfusionMatrix:
         labels: Sequence[int] | None = None,
         ignore_label: int | None = None,
         dense_max: int = DENSE_MAX,
+        threshold: float | None = None,
+        channel_axis: int | None = None,
+        thresholds: int | None = None,
+        prob_scale: float | None = None,
+        probability: ProbabilitySpec | None = None,
     ) -> None:
         self.ignore_label = _check_ignore(ignore_label)
         self.dense_max = int(dense_max)
+        if probability is None and (
+            threshold is not None
+            or channel_axis is not None
+            or thresholds is not None
+            or prob_scale is not None
+        ):
+            if channel_axis is not None and num_classes is None:
+                raise OptionError(
+                    "a per-class probability map (channel_axis) needs num_classes = the channel count"
+                )
+            probability, _ = make_spec(
+                np.dtype(np.float32), 2 if channel_axis is not None else 1, 1,
+                (num_classes or 2, 1), threshold=threshold, thresholds=thresholds, prob_scale=prob_scale,
+                channel_axis=None if channel_axis is None else 0, num_classes=num_classes, labels=labels,
+            )  # fmt: skip
+        self._prob = probability
+        self.channel_axis = channel_axis
+        if probability is not None:
+            if num_classes is not None and num_classes != probability.channels:
+                raise OptionError(
+                    f"num_classes={num_classes} does not match the probability map's {probability.channels} classes"
+                )
+            num_classes = probability.channels
+            self._hist = np.zeros((probability.curve_classes, 2, probability.bins + 1), dtype=np.int64)
+            self._edges = probability.edges()
         self._config = (num_classes, None if labels is None else [int(x) for x in labels])
         self._poisoned: str | None = None
         fixed = _fixed_labels(num_classes, labels, self.ignore_label)
@@ -240,10 +272,12 @@ class ConfusionMatrix:
         ``offset`` is the chunk's position in the full volume, used in error messages.
         """
         self._check_usable()
-        if gt.shape != pred.shape:
-            raise InputError(f"gt chunk shape {gt.shape} differs from pred chunk shape {pred.shape}")
         if mask is not None and mask.shape != gt.shape:
             raise InputError(f"mask chunk shape {mask.shape} differs from gt chunk shape {gt.shape}")
+        if self._prob is not None:
+            pred = self._labels_from_probabilities(gt, pred, mask, offset)
+        if gt.shape != pred.shape:
+            raise InputError(f"gt chunk shape {gt.shape} differs from pred chunk shape {pred.shape}")
         gv, g_signed = label_view(gt, "gt")
         pv, p_signed = label_view(pred, "pred")
         ignore, has_ignore = _ignore_bits(self.ignore_label, gt.dtype)
@@ -251,8 +285,7 @@ class ConfusionMatrix:
         if mask is None:
             m_pieces = [((), _NO_MASK)] * len(g_pieces)
         else:
-            mv = mask if mask.dtype in (np.uint8, np.bool_) else (mask != 0)
-            m_pieces = as_3d(mv.view(np.uint8))
+            m_pieces = as_3d(_mask_view(mask))
         pieces = zip(g_pieces, as_3d(pv), m_pieces)
         for (lead, g3), (_, p3), (_, m3) in pieces:
             try:
@@ -268,6 +301,66 @@ class ConfusionMatrix:
                     e.position = full
                     e.args = (_label_message(e.role, e.value, full, self),)
                 raise
+
+    def _labels_from_probabilities(
+        self, gt: np.ndarray, prob: np.ndarray, mask: np.ndarray | None, offset: Any
+    ) -> np.ndarray:
+        """Threshold / argmax a probability chunk (channel axis last) into labels; fill the sweep."""
+        spec = self._prob
+        want = gt.shape + ((spec.channels,) if spec.mode == "argmax" else ())
+        if prob.shape != want:
+            raise InputError(
+                f"probability chunk shape {prob.shape} does not match {want} (gt chunk {gt.shape})"
+            )
+        if prob.dtype.kind == "f" and prob.dtype.itemsize < 4:
+            prob = prob.astype(np.float32)  # numba has no float16 arithmetic
+        elif prob.dtype.kind == "b":
+            prob = prob.view(np.uint8)
+        elif prob.dtype.kind not in "fiu":
+            raise InputError(f"pred has dtype {prob.dtype}: not a probability map")
+        if not prob.dtype.isnative:
+            prob = prob.astype(prob.dtype.newbyteorder("="))
+        out = np.empty(gt.shape, dtype=np.uint8 if spec.channels <= 256 else np.uint16)
+        gv, _ = label_view(gt, "gt")
+        ignore, has_ignore = _ignore_bits(self.ignore_label, gt.dtype)
+        g_pieces = as_3d(gv)
+        m_pieces = [((), _NO_MASK)] * len(g_pieces) if mask is None else as_3d(_mask_view(mask))
+        p_pieces = as_3d(prob) if spec.mode == "threshold" else _as_3d_channels(prob)
+        hist = self._hist if spec.bins else _NO_HIST
+        fstate = np.zeros(1, dtype=np.float64)
+        for (lead, g3), (_, p3), (_, m3), (_, o3) in zip(g_pieces, p_pieces, m_pieces, as_3d(out)):
+            if spec.mode == "threshold":
+                status = prob_kernels.threshold_chunk(
+                    p3, spec.scale, spec.threshold, g3, m3, mask is not None, np.uint64(ignore), has_ignore,
+                    o3, hist, self._edges, spec.bins, self._state, fstate,
+                )  # fmt: skip
+            else:
+                status = prob_kernels.argmax_chunk(
+                    p3, spec.scale, g3, m3, mask is not None, np.uint64(ignore), has_ignore, o3, hist,
+                    self._edges, spec.bins, self._state, fstate,
+                )  # fmt: skip
+            if status != prob_kernels.OK:
+                pos = np.unravel_index(int(self._state[cpu.POS]), p3.shape)
+                channel = int(pos[3]) if spec.mode == "argmax" else None
+                pos = pos[:3]
+                inner = tuple(int(x) for x in (pos[3 - gt.ndim :] if gt.ndim < 3 else pos))
+                full = tuple(lead) + inner
+                if offset is not None:
+                    full = tuple(int(a) + int(b) for a, b in zip(offset, full))
+                value = float(fstate[0])
+                where = f" at voxel {full}" + ("" if channel is None else f", channel {channel}")
+                hint = (
+                    "; if they are scaled integers pass prob_scale (e.g. 255)"
+                    if spec.scale == 1.0 and prob.dtype.kind != "f"
+                    else ""
+                )
+                msg = (
+                    f"pred has probability {value:g}{where}: a probability map must hold values in [0, 1] "
+                    f"(NaN is not allowed){hint}"
+                )
+                self._poisoned = msg
+                raise LabelError(msg, role="pred", value=value, position=full)
+        return out
 
     def _count3(self, g3, p3, m3, has_mask, ignore, has_ignore, g_signed, p_signed, gt, pred) -> None:
         state = self._state
@@ -317,13 +410,18 @@ class ConfusionMatrix:
         """An empty accumulator with the same label space and options (for another worker)."""
         num_classes, labels = self._config
         return ConfusionMatrix(
-            num_classes, labels=labels, ignore_label=self.ignore_label, dense_max=self.dense_max
-        )
+            num_classes, labels=labels, ignore_label=self.ignore_label, dense_max=self.dense_max,
+            probability=self._prob, channel_axis=self.channel_axis,
+        )  # fmt: skip
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add the counts of ``other`` into this accumulator (label spaces are unified). Returns ``self``."""
         self._check_usable()
         other._check_usable()
+        if other._prob != self._prob:
+            raise OptionError(
+                f"cannot merge accumulators with different probability settings ({self._prob} and {other._prob})"
+            )
         if other.ignore_label != self.ignore_label:
             raise OptionError(
                 f"cannot merge accumulators with different ignore labels ({self.ignore_label} and {other.ignore_label})"
@@ -360,6 +458,8 @@ class ConfusionMatrix:
                 mine[dst] += theirs[src_idx]
         for slot in (cpu.NIGNORED, cpu.NMASKED):
             self._state[slot] += other._state[slot]
+        if self._prob is not None:
+            self._hist += other._hist
         return self
 
     def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
@@ -493,11 +593,19 @@ class ConfusionMatrix:
             "n_ignored": int(self._state[cpu.NIGNORED]),
             "n_masked": self.n_masked,
             "poisoned": self._poisoned,
+            "probability": self._prob,
+            "channel_axis": self.channel_axis,
+            "hist": self._hist if self._prob is not None else None,
         }
 
     def __setstate__(self, st: dict[str, Any]) -> None:
         num_classes, labels = st["config"]
-        self.__init__(num_classes, labels=labels, ignore_label=st["ignore_label"], dense_max=st["dense_max"])
+        self.__init__(
+            num_classes, labels=labels, ignore_label=st["ignore_label"], dense_max=st["dense_max"],
+            probability=st["probability"], channel_axis=st["channel_axis"],
+        )  # fmt: skip
+        if st["hist"] is not None:
+            self._hist += st["hist"]
         keys = st["keys"]
         idx = self._add_keys(keys).astype(np.intp)
         if st["table"] is not None:
@@ -527,6 +635,21 @@ class ConfusionMatrix:
 
 
 _NO_MASK = np.ones((1, 1, 1), dtype=np.uint8)
+_NO_HIST = np.zeros((1, 2, 1), dtype=np.int64)
+
+
+def _mask_view(mask: np.ndarray) -> np.ndarray:
+    """A mask as uint8 (nonzero = count), without a copy for bool and uint8 masks."""
+    mv = mask if mask.dtype in (np.uint8, np.bool_) else (mask != 0)
+    return mv.view(np.uint8)
+
+
+def _as_3d_channels(a: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """Like :func:`as_3d` for an array whose last axis is a channel axis."""
+    nd = a.ndim - 1
+    if nd <= 3:
+        return [((), a.reshape((1,) * (3 - nd) + a.shape))]
+    return [(idx, a[idx]) for idx in np.ndindex(a.shape[: nd - 3])]
 
 
 def _resized(a: np.ndarray, n: int) -> np.ndarray:

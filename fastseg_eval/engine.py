@@ -90,7 +90,9 @@ def count_into(
     if volumes is None:
         pv, gv = open_volume(pred, "pred"), open_volume(gt, "gt")
         mv = None if mask is None else open_volume(mask, "mask")
-        check_volumes(pv, gv, mv)
+        if acc.channel_axis is not None:
+            pv.channel_axis = acc.channel_axis % max(len(pv.shape), 1)
+        check_volumes(pv, gv, mv, pred_shape=pv.spatial_shape if acc._prob is not None else None)
     else:
         pv, gv, mv = volumes
     nworkers = check_workers(workers)
@@ -199,8 +201,8 @@ class _Plan:
         shape = vols[0].shape
         zarrs = [v for v in vols if v.kind == "zarr"]
         if zarrs:
-            primary = max(zarrs, key=lambda v: (math.prod(v.chunks), v.role == "gt"))
-            pchunks = primary.chunks
+            primary = max(zarrs, key=lambda v: (math.prod(v.spatial_chunks), v.role == "gt"))
+            pchunks = primary.spatial_chunks
         else:
             primary = vols[0]
             target = max(1 << 16, min(UNIT_VOXELS, math.prod(shape) // max(1, 4 * workers)))
@@ -208,7 +210,9 @@ class _Plan:
         self.shape = shape
         self.primary = primary
         self.pbounds = boundaries(shape, pchunks)
-        self.bounds = {v.role: (boundaries(shape, v.chunks) if v.kind == "zarr" else None) for v in vols}
+        self.bounds = {
+            v.role: (boundaries(shape, v.spatial_chunks) if v.kind == "zarr" else None) for v in vols
+        }
         self.caches: dict[str, _ChunkCache] = {}
         for v in zarrs:
             if v is not primary:

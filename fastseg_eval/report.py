@@ -14,6 +14,7 @@ import numpy as np
 
 from . import metrics as M
 from ._version import __version__
+from .probability import curves
 
 if TYPE_CHECKING:
     from .confusion import ConfusionMatrix
@@ -207,6 +208,10 @@ def result_from_counts(
         label_names={int(k): str(v) for k, v in label_names.items()} if label_names else None,
         timing=dict(timing or {}),
     )
+    spec = acc._prob
+    if spec is not None and spec.bins:
+        curve_labels = [1] if spec.mode == "threshold" else list(range(spec.channels))
+        res.curves = curves(acc._hist, spec, curve_labels)
     res.warnings = [*warnings, *diagnose(res, counts, background_label)]
     if not acc.is_dense:
         res.warnings.append(

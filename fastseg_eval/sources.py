@@ -29,10 +29,24 @@ class Volume:
     url: str | None = None  # the store's address, for reopening on dask workers
     key: str | None = None  # node path inside the store
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
+    channel_axis: int | None = None  # probability maps: the class axis, moved last when read
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.array.shape)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """The shape without the channel axis (the grid the engine plans over)."""
+        s = self.shape
+        return s if self.channel_axis is None else s[: self.channel_axis] + s[self.channel_axis + 1 :]
+
+    @property
+    def spatial_chunks(self) -> tuple[int, ...] | None:
+        c = self.chunks
+        if c is None or self.channel_axis is None:
+            return c
+        return c[: self.channel_axis] + c[self.channel_axis + 1 :]
 
     @property
     def dtype(self) -> np.dtype:
@@ -52,7 +66,17 @@ class Volume:
         return {"source": self.source, "shape": list(self.shape), "dtype": str(self.dtype), "chunks": chunks}
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        """Voxels of ``region`` as a numpy array (a view for numpy inputs)."""
+        """Voxels of ``region`` (spatial) as a numpy array (a view for numpy inputs).
+
+        With a channel axis, every channel is read and the channel axis is moved last.
+        """
+        if self.channel_axis is not None:
+            ax = self.channel_axis
+            full = region[:ax] + (slice(None),) + region[ax:]
+            return np.moveaxis(self._read(full), ax, -1)
+        return self._read(region)
+
+    def _read(self, region: tuple[slice, ...]) -> np.ndarray:
         if self.kind == "numpy":
             return self.array[region]
         try:
