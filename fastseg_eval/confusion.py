@@ -679,6 +679,7 @@ def _fixed_labels(num_classes: Any, labels: Any, ignore_label: int | None) -> li
                 f"num_classes={num_classes} but {len(labels)} labels were given; pass one of them"
             )
     if labels is not None:
+        explicit = num_classes is None
         out = []
         for x in labels:
             if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
@@ -693,7 +694,7 @@ def _fixed_labels(num_classes: Any, labels: Any, ignore_label: int | None) -> li
             raise OptionError(f"labels must be unique, {dup} appears twice")
         if not out:
             raise OptionError("labels is empty; give at least one label")
-        if ignore_label is not None and ignore_label in out:
+        if explicit and ignore_label is not None and ignore_label in out:
             raise OptionError(
                 f"ignore_label {ignore_label} is also listed in labels; remove it from one of them"
             )

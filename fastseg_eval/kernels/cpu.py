@@ -20,6 +20,13 @@ before any copy can reach 2**32 and before every return. Layouts of one table ro
 * dense: ``width = kcap * kcap``; pair (gt index a, pred index b) at ``a * kcap + b``;
 * marginals: ``width = 3 * kcap``; ``[0:kcap]`` gt counts (row sums), ``[kcap:2kcap]`` pred
   counts (column sums), ``[2kcap:3kcap]`` the diagonal (TP).
+
+Uniform runs
+------------
+Segmentations are mostly large uniform regions. Rows are walked in runs of ``RUN`` voxels: when
+gt, pred (and mask) are each constant over a run, the run is resolved once and counted with one
+add of ``RUN``; otherwise its voxels are counted one by one. This is exact for any data and
+several times faster on real label volumes than counting voxel by voxel.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ VALUE = 5  # offending value bits (status BAD_GT / BAD_PRED)
 STATE_SIZE = 8
 
 BLOCK = 1 << 16  # voxels of a row counted between overflow checks
+RUN = 8  # voxels compared at once: a run of 8 equal (gt, pred[, mask]) triples counts in one add
 FLUSH_AT = np.int64(1) << np.int64(31)  # flush local uint32 tables before a copy can overflow
 
 
@@ -116,6 +124,37 @@ def flush(local, acc, nlab, kcap, dense):
                         local[s, off + a] = 0
 
 
+@njit(nogil=True, cache=True, inline="always")
+def same8(row, k):
+    """True when ``row[k:k+8]`` holds one value (the caller guarantees 8 elements)."""
+    v = row[k]
+    return (
+        (row[k + 1] == v) & (row[k + 2] == v) & (row[k + 3] == v) & (row[k + 4] == v)
+        & (row[k + 5] == v) & (row[k + 6] == v) & (row[k + 7] == v)
+    )  # fmt: skip
+
+
+# what happened to one voxel (or one uniform run)
+_COUNTED = 0
+_MASKED = 1
+_IGNORED = 2
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _direct_one(g, p, m, w, s, has_mask, ignore, has_ignore, gt_limit, pred_limit, kcap, local):
+    """Count ``w`` voxels of pair (g, p) in sub-histogram ``s``; returns what happened."""
+    if has_mask and m == 0:
+        return _MASKED
+    if has_ignore and g == ignore:
+        return _IGNORED
+    if g >= gt_limit:
+        return -BAD_GT
+    if p >= pred_limit:
+        return -BAD_PRED
+    local[s, np.int64(g) * kcap + np.int64(p)] += w
+    return _COUNTED
+
+
 @njit(nogil=True, cache=True)
 def count_direct(gt, pred, mask, has_mask, ignore, has_ignore, gt_limit, pred_limit, kcap, local, acc, state):
     """Count pairs of a chunk whose labels are ``0..K-1`` used directly as indices (dense table).
@@ -130,63 +169,88 @@ def count_direct(gt, pred, mask, has_mask, ignore, has_ignore, gt_limit, pred_li
     nignored = 0
     nmasked = 0
     since = np.int64(0)
-    status = OK
+    r = 0
     for i in range(n0):
         for j in range(n1):
+            g_row = gt[i, j]
+            p_row = pred[i, j]
+            m_row = mask[i, j] if has_mask else mask[0, 0]
             for k0 in range(0, n2, BLOCK):
                 k1 = min(k0 + BLOCK, n2)
-                for k in range(k0, k1):
-                    if has_mask and mask[i, j, k] == 0:
-                        nmasked += 1
-                        continue
-                    g = np.uint64(gt[i, j, k])
-                    if has_ignore and g == ignore:
-                        nignored += 1
-                        continue
-                    p = np.uint64(pred[i, j, k])
-                    if g >= gt_limit or p >= pred_limit:
-                        status = BAD_GT if g >= gt_limit else BAD_PRED
+                k = k0
+                while k < k1:
+                    if (
+                        k + RUN <= k1
+                        and same8(g_row, k)
+                        and same8(p_row, k)
+                        and (not has_mask or same8(m_row, k))
+                    ):
+                        w = RUN
+                    else:
+                        w = 1
+                    r = _direct_one(
+                        np.uint64(g_row[k]), np.uint64(p_row[k]), m_row[k] if has_mask else 1, w, k & smask,
+                        has_mask, ignore, has_ignore, gt_limit, pred_limit, kcap, local,
+                    )  # fmt: skip
+                    if r == _MASKED:
+                        nmasked += w
+                    elif r == _IGNORED:
+                        nignored += w
+                    elif r < 0:
                         state[POS] = (i * n1 + j) * n2 + k
-                        state[VALUE] = np.int64(g if status == BAD_GT else p)
+                        state[VALUE] = np.int64(np.uint64(g_row[k]) if r == -BAD_GT else np.uint64(p_row[k]))
                         break
-                    local[k & smask, np.int64(g) * kcap + np.int64(p)] += 1
-                if status != OK:
+                    k += w
+                if r < 0:
                     break
                 since += k1 - k0
                 if since >= FLUSH_AT:
                     flush(local, acc, kcap, kcap, True)
                     since = 0
-            if status != OK:
+            if r < 0:
                 break
-        if status != OK:
+        if r < 0:
             break
     flush(local, acc, kcap, kcap, True)
     state[NIGNORED] += nignored
     state[NMASKED] += nmasked
-    return status
+    return -r if r < 0 else OK
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _resolve(v, signed_from, fixed, lut, hkeys, hvals, labels, state, cache, slot):
+    """Index of label value ``v``, assigning one in discovery mode; a negative status on failure.
+
+    ``cache[slot]`` / ``cache[slot + 1]`` remember the last value and its index (indices never
+    change once assigned, and unknown values are never cached).
+    """
+    if np.uint64(cache[slot]) == v and cache[slot + 1] >= 0:
+        return cache[slot + 1]
+    idx = lookup_label(v, lut, hkeys, hvals)
+    if idx < 0:
+        if fixed or (signed_from != 0 and v >= signed_from):
+            return np.int64(-BAD_GT)  # the caller tells gt from pred
+        nlab = state[NLAB]
+        if nlab >= labels.shape[0]:
+            return np.int64(-GROW_LABELS)
+        if v >= _LUT_SIZE_U:
+            if 2 * (state[HCOUNT] + 1) > hkeys.shape[0]:
+                return np.int64(-GROW_HASH)
+            state[HCOUNT] += 1
+        labels[nlab] = v
+        insert_label(v, nlab, lut, hkeys, hvals)
+        state[NLAB] = nlab + 1
+        idx = nlab
+    cache[slot] = np.int64(v)
+    cache[slot + 1] = idx
+    return idx
 
 
 @njit(nogil=True, cache=True)
 def count_mapped(
-    gt,
-    pred,
-    mask,
-    has_mask,
-    ignore,
-    has_ignore,
-    gt_signed_from,
-    pred_signed_from,
-    fixed,
-    dense,
-    lut,
-    hkeys,
-    hvals,
-    labels,
-    local,
-    acc,
-    state,
-    start,
-):
+    gt, pred, mask, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, dense,
+    lut, hkeys, hvals, labels, local, acc, state, start,
+):  # fmt: skip
     """Count pairs of a chunk through a label map (value -> index), discovering labels if allowed.
 
     Label values below ``LUT_SIZE`` map through ``lut``; larger ones through the hash table
@@ -202,9 +266,6 @@ def count_mapped(
     nsub = local.shape[0]
     smask = nsub - 1
     kcap = labels.shape[0]
-    hcap = hkeys.shape[0]
-    nlab = state[NLAB]
-    hcount = state[HCOUNT]
     nignored = 0
     nmasked = 0
     since = np.int64(0)
@@ -213,91 +274,68 @@ def count_mapped(
     i0 = start // plane
     j0 = (start % plane) // n2
     kstart = start % n2
-    last_g = np.uint64(0)
-    last_ig = np.int64(lut[0])
-    last_p = np.uint64(0)
-    last_ip = last_ig
+    cache = np.full(4, -1, dtype=np.int64)
     for i in range(i0, n0):
         for j in range(j0 if i == i0 else 0, n1):
+            g_row = gt[i, j]
+            p_row = pred[i, j]
+            m_row = mask[i, j] if has_mask else mask[0, 0]
             first_k = kstart if (i == i0 and j == j0) else 0
             for k0 in range(first_k, n2, BLOCK):
                 k1 = min(k0 + BLOCK, n2)
-                for k in range(k0, k1):
-                    if has_mask and mask[i, j, k] == 0:
-                        nmasked += 1
+                k = k0
+                while k < k1:
+                    if (
+                        k + RUN <= k1
+                        and same8(g_row, k)
+                        and same8(p_row, k)
+                        and (not has_mask or same8(m_row, k))
+                    ):
+                        w = RUN
+                    else:
+                        w = 1
+                    if has_mask and m_row[k] == 0:
+                        nmasked += w
+                        k += w
                         continue
-                    g = np.uint64(gt[i, j, k])
+                    g = np.uint64(g_row[k])
                     if has_ignore and g == ignore:
-                        nignored += 1
+                        nignored += w
+                        k += w
                         continue
-                    p = np.uint64(pred[i, j, k])
-                    ig = last_ig if g == last_g else lookup_label(g, lut, hkeys, hvals)
+                    ig = _resolve(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state, cache, 0)
                     if ig < 0:
-                        ig = lookup_label(g, lut, hkeys, hvals)  # the cache may predate it
-                    if ig < 0:
-                        if fixed or (gt_signed_from != 0 and g >= gt_signed_from):
-                            status = BAD_GT
-                        elif nlab >= kcap:
-                            status = GROW_LABELS
-                        elif g >= _LUT_SIZE_U and 2 * (hcount + 1) > hcap:
-                            status = GROW_HASH
-                        else:
-                            ig = nlab
-                            labels[nlab] = g
-                            insert_label(g, nlab, lut, hkeys, hvals)
-                            nlab += 1
-                            if g >= _LUT_SIZE_U:
-                                hcount += 1
-                        if status != OK:
-                            state[VALUE] = np.int64(g)
-                            state[POS] = (i * n1 + j) * n2 + k
-                            break
-                    last_g = g
-                    last_ig = ig
-                    ip = last_ip if p == last_p else lookup_label(p, lut, hkeys, hvals)
+                        status = -ig
+                        state[VALUE] = np.int64(g)
+                        state[POS] = (i * n1 + j) * n2 + k
+                        break
+                    p = np.uint64(p_row[k])
+                    ip = _resolve(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state, cache, 2)
                     if ip < 0:
-                        ip = lookup_label(p, lut, hkeys, hvals)  # the cache may predate it
-                    if ip < 0:
-                        if fixed or (pred_signed_from != 0 and p >= pred_signed_from):
-                            status = BAD_PRED
-                        elif nlab >= kcap:
-                            status = GROW_LABELS
-                        elif p >= _LUT_SIZE_U and 2 * (hcount + 1) > hcap:
-                            status = GROW_HASH
-                        else:
-                            ip = nlab
-                            labels[nlab] = p
-                            insert_label(p, nlab, lut, hkeys, hvals)
-                            nlab += 1
-                            if p >= _LUT_SIZE_U:
-                                hcount += 1
-                        if status != OK:
-                            state[VALUE] = np.int64(p)
-                            state[POS] = (i * n1 + j) * n2 + k
-                            break
-                    last_p = p
-                    last_ip = ip
+                        status = BAD_PRED if ip == -BAD_GT else -ip
+                        state[VALUE] = np.int64(p)
+                        state[POS] = (i * n1 + j) * n2 + k
+                        break
                     s = k & smask
                     if dense:
-                        local[s, ig * kcap + ip] += 1
+                        local[s, ig * kcap + ip] += w
                     else:
-                        local[s, ig] += 1
-                        local[s, kcap + ip] += 1
+                        local[s, ig] += w
+                        local[s, kcap + ip] += w
                         if ig == ip:
-                            local[s, 2 * kcap + ig] += 1
+                            local[s, 2 * kcap + ig] += w
+                    k += w
                 if status != OK:
                     break
                 since += k1 - k0
                 if since >= FLUSH_AT:
-                    flush(local, acc, nlab, kcap, dense)
+                    flush(local, acc, state[NLAB], kcap, dense)
                     since = 0
             if status != OK:
                 break
         if status != OK:
             break
-    flush(local, acc, nlab, kcap, dense)
-    state[NLAB] = nlab
-    state[HCOUNT] = hcount
+    flush(local, acc, state[NLAB], kcap, dense)
     state[NIGNORED] += nignored
     state[NMASKED] += nmasked
     return status
