@@ -170,6 +170,7 @@ def class_curve(pos: np.ndarray, neg: np.ndarray, edges: np.ndarray) -> dict[str
         ap = float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
     else:
         ap = float("nan")
+    auc_err, ap_err = _binning_errors(pos, neg)
     tpf, fpf, fnf = tp.astype(np.float64), fp.astype(np.float64), fn.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         dice = np.where(2 * tpf + fpf + fnf > 0, 2 * tpf / (2 * tpf + fpf + fnf), np.nan)
@@ -181,10 +182,38 @@ def class_curve(pos: np.ndarray, neg: np.ndarray, edges: np.ndarray) -> dict[str
         "fn": fn.tolist(),
         "tn": tn.tolist(),
         "roc_auc": roc_auc,
+        "roc_auc_max_error": auc_err,
         "average_precision": ap,
+        "average_precision_max_error": ap_err,
         "best_dice": _best(dice, edges, "dice"),
         "best_iou": _best(iou, edges, "iou"),
     }
+
+
+def _binning_errors(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """Largest possible difference between the binned and the exact ROC AUC / average precision.
+
+    Binning only loses the order of voxels that share a bin. ROC AUC counts a positive-negative
+    pair in one bin as a tie (1/2) where the exact value is 0 or 1: the error is at most
+    ``sum_b pos_b neg_b / (2 P N)``. For average precision, each positive of bin ``b`` adds
+    ``1/P`` times a precision that, in any order inside the bin, lies between
+    ``(T + 1) / (T + 1 + F + neg_b)`` and ``(T + pos_b) / (T + pos_b + F)`` (``T``, ``F``: positives
+    and negatives in higher bins); the binned value lies in the same interval.
+    Both bounds are 0 when no bin holds positives and negatives together.
+    """
+    npos, nneg = float(pos.sum()), float(neg.sum())
+    p, n = pos.astype(np.float64), neg.astype(np.float64)
+    auc_err = float(np.sum(p * n) / (2 * npos * nneg)) if npos > 0 and nneg > 0 else float("nan")
+    if npos == 0:
+        return auc_err, float("nan")
+    above_t = np.concatenate([np.cumsum(p[::-1])[::-1][1:], [0.0]])  # positives in higher bins
+    above_f = np.concatenate([np.cumsum(n[::-1])[::-1][1:], [0.0]])
+    mixed = (p > 0) & (n > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hi = (above_t + p) / (above_t + p + above_f)
+        lo = (above_t + 1) / (above_t + 1 + above_f + n)
+    ap_err = float(np.sum(np.where(mixed, p / npos * (hi - lo), 0.0)))
+    return auc_err, ap_err
 
 
 def _best(values: np.ndarray, edges: np.ndarray, name: str) -> dict[str, Any]:
