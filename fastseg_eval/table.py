@@ -1,76 +1,287 @@
-"""Plain-text report for people: per-class rows, means below, warnings last (80 columns)."""
+"""Plain-text report for people: inputs, per-class rows, means below, warnings last.
+
+Fits an 80-column terminal: the label column takes what the support and metric columns leave,
+long label names are shortened with ``..``, and metric columns that do not fit are left out
+(and the table says so). Colour (ANSI) only when asked for.
+"""
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .report import EvaluationResult
 
 TABLE_METRICS = ("dice", "iou", "precision", "recall", "specificity")
-_SHORT = {"precision": "prec", "recall": "recall", "specificity": "spec", "accuracy": "acc",
-          "tversky": "tversky", "balanced_accuracy": "bal_acc"}  # fmt: skip
+"""Metric columns shown by default (when the user selected no metrics)."""
+
+SHORT_NAMES = {
+    "accuracy": "acc", "precision": "prec", "recall": "recall", "specificity": "spec", "dice": "dice",
+    "iou": "iou", "tversky": "tvrsky", "npv": "npv", "fpr": "fpr", "fnr": "fnr", "fdr": "fdr", "for": "for",
+    "balanced_accuracy": "bal_acc", "informedness": "inform", "markedness": "marked", "mcc": "mcc",
+    "fowlkes_mallows": "fm", "prevalence_threshold": "prev_t", "volume_similarity": "vol_sim",
+}  # fmt: skip
+"""Column headings (at most 7 characters)."""
+
+_COL = 8  # one metric column: a space and "0.1234" right-aligned in 7
+_MIN_LABEL = 12
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
 def _count(n: int) -> str:
-    return f"{n:,}"
+    return f"{int(n):,}"
 
 
-def format_table(res: EvaluationResult, *, color: bool = False, metrics: Sequence[str] | None = None) -> str:
-    cols = [m for m in (metrics or TABLE_METRICS) if m in res.metrics] or list(res.metrics[:5])
+def _si(x: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.1f} {unit}"
+    return f"{x:.0f} "
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 2, 1)] + ".."
+
+
+def label_text(lab: int, names: dict[int, str] | None) -> str:
+    """``"1 liver"`` when label 1 has a name, else ``"1"``."""
+    names = names or {}
+    return f"{lab} {names[lab]}" if lab in names else str(lab)
+
+
+def table_columns(res: EvaluationResult, metrics: Sequence[str] | None) -> list[str]:
+    """The metric columns wanted: ``metrics`` if given, else the default core metrics present."""
+    if metrics:
+        return [m for m in metrics if m in res.metrics]
+    cols = [m for m in TABLE_METRICS if m in res.metrics]
+    return cols or list(res.metrics)
+
+
+def _shown_rows(res: EvaluationResult, max_rows: int) -> tuple[list[int], int]:
+    labels = list(res.per_class)
+    if max_rows <= 0 or len(labels) <= max_rows:
+        return labels, 0
+    size = {lab: row["support"] + row["predicted"] for lab, row in res.per_class.items()}
+    keep = set(sorted(labels, key=lambda lab: (-size[lab], lab))[:max_rows])
+    return [lab for lab in labels if lab in keep], len(labels) - len(keep)
+
+
+def _n_label(title: str, d: dict[str, Any], cols: Sequence[str]) -> str:
+    n = d.get("n_averaged")
+    if not isinstance(n, dict):
+        return title
+    counts = sorted({int(n[c]) for c in cols if c in n})
+    if not counts:
+        return title
+    span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{title} ({span})"
+
+
+def format_table(
+    res: EvaluationResult,
+    *,
+    color: bool = False,
+    metrics: Sequence[str] | None = None,
+    width: int = 80,
+    max_rows: int = 50,
+    max_warnings: int = 20,
+) -> str:
+    """The report as text for a terminal.
+
+    Parameters
+    ----------
+    res : EvaluationResult
+    color : bool
+        ANSI bold headings and yellow warnings.
+    metrics : sequence of str, optional
+        Canonical metric names for the columns (default :data:`TABLE_METRICS`); columns that
+        do not fit in ``width`` are left out, with a note.
+    width : int
+        Line width to fit (the input paths and warnings wrap; the table itself fits).
+    max_rows : int
+        Show at most this many per-class rows (those with the most voxels, in label order);
+        0 shows every row. Means always cover every class.
+    max_warnings : int
+        Show at most this many warnings (the JSON report has them all).
+    """
     bold = (lambda s: f"\033[1m{s}\033[0m") if color else (lambda s: s)
     yellow = (lambda s: f"\033[33m{s}\033[0m") if color else (lambda s: s)
     names = res.label_names or {}
+    opts = res.options or {}
     lines: list[str] = []
-    pred = res.inputs.get("pred", {}).get("source", "?")
-    gt = res.inputs.get("gt", {}).get("source", "?")
-    lines.append(f"prediction:   {pred}")
-    lines.append(f"ground truth: {gt}")
-    shape = res.inputs.get("gt", {}).get("shape")
-    extra = f", ignored {_count(res.n_ignored)}" if res.n_ignored else ""
-    extra += f", masked out {_count(res.n_masked)}" if res.n_masked else ""
+
+    # ---------------------------------------------------------------- inputs
+    def describe(role: str) -> str:
+        d = res.inputs.get(role) or {}
+        src = d.get("source", "?")
+        extra = []
+        if d.get("dtype"):
+            extra.append(str(d["dtype"]))
+        if d.get("shape") is not None:
+            extra.append("x".join(str(s) for s in d["shape"]))
+        if not extra or str(d.get("dtype")) in str(src):  # numpy / dask sources describe themselves
+            return str(src)
+        return f"{src}  [{' '.join(extra)}]"
+
+    lines.append(f"prediction   (PRED): {describe('pred')}")
+    lines.append(f"ground truth (GT):   {describe('gt')}")
+    if res.inputs.get("mask"):
+        lines.append(f"mask:                {describe('mask')}")
+    counted = f"{_count(res.n_voxels)} voxels counted"
+    if res.n_ignored:
+        counted += f", {_count(res.n_ignored)} ignored (gt label {opts.get('ignore_label')})"
+    if res.n_masked:
+        counted += f", {_count(res.n_masked)} masked out"
+    lines.append(counted)
+    labels_from = opts.get("labels_from")
+    nlab = len(res.labels)
+    desc = {"discovered": "found in the data", "num_classes": "from --num-classes", "labels": "as given"}
+    mode = opts.get("prediction")
+    if mode == "threshold":
+        desc["num_classes"] = f"from the probability map: 1 where p > {opts.get('threshold'):g}"
+    elif mode == "argmax":
+        desc["num_classes"] = f"from the probability map: argmax over axis {opts.get('channel_axis')}"
     lines.append(
-        f"voxels:       {_count(res.n_voxels)} counted{extra}" + (f"  shape {tuple(shape)}" if shape else "")
+        f"{nlab} label{'s' if nlab != 1 else ''}" + (f" {desc[labels_from]}" if labels_from in desc else "")
+        + f"; empty classes -> {opts.get('empty', 'nan')}"
+        + (f"; smooth {opts['smooth']:g}" if opts.get("smooth") else "")
+        + ("; matrix: diagonal + marginals only" if opts.get("matrix") == "diagonal+marginals" else "")
+    )  # fmt: skip
+    lines.append("")
+
+    # ---------------------------------------------------------------- per-class table
+    cols = table_columns(res, metrics)
+    shown, hidden = _shown_rows(res, max_rows)
+    sup_w = max([len("support"), *(len(_count(res.per_class[lab]["support"])) for lab in shown)])
+    fit = max((width - _MIN_LABEL - 1 - sup_w) // _COL, 1)
+    dropped = cols[fit:]
+    cols = cols[:fit]
+    bg = opts.get("background_label")
+    mean_rows: list[tuple[str, dict[str, Any]]] = [(_n_label("mean", res.mean, cols), res.mean)]
+    bg_present = bg is not None and any(int(x) == bg for x in res.labels)
+    if bg_present:
+        mean_rows.append((_n_label("fg mean", res.foreground_mean, cols), res.foreground_mean))
+    mean_rows.append(("fg micro" if bg_present else "micro", res.micro))
+    mean_rows.append(("weighted", res.weighted))
+    texts = [label_text(lab, names) for lab in shown]
+    want = max([len("label"), *(len(t) for t in texts), *(len(t) for t, _ in mean_rows)])
+    lab_w = max(min(want, width - 1 - sup_w - _COL * len(cols)), _MIN_LABEL)
+    head = f"{'label':<{lab_w}} {'support':>{sup_w}}" + "".join(
+        f"{SHORT_NAMES.get(c, c[:7]):>{_COL}}" for c in cols
     )
-    lines.append("")
-    lab_w = max([8, *(len(_label(lab, names)) for lab in res.per_class)])
-    lab_w = min(lab_w, 18)
-    head = f"{'label':<{lab_w}} {'support':>12} " + " ".join(f"{_SHORT.get(c, c)[:8]:>8}" for c in cols)
+    rule = "-" * len(head)
     lines.append(bold(head))
-    lines.append("-" * len(head))
-    for lab, row in res.per_class.items():
+    lines.append(rule)
+    for lab, text in zip(shown, texts):
+        row = res.per_class[lab]
         lines.append(
-            f"{_label(lab, names)[:lab_w]:<{lab_w}} {_count(row['support']):>12} "
-            + " ".join(f"{_fmt(row[c]):>8}" for c in cols)
+            f"{_shorten(text, lab_w):<{lab_w}} {_count(row['support']):>{sup_w}}"
+            + "".join(f"{_fmt(row.get(c)):>{_COL}}" for c in cols)
         )
-    lines.append("-" * len(head))
-    for title, d in (("mean", res.mean), ("fg mean", res.foreground_mean), ("micro", res.micro),
-                     ("weighted", res.weighted)):  # fmt: skip
-        lines.append(f"{title:<{lab_w}} {'':>12} " + " ".join(f"{_fmt(d.get(c)):>8}" for c in cols))
-    o = res.overall
+    if hidden:
+        lines.extend(
+            textwrap.wrap(
+                f"... {_count(hidden)} more labels not shown (the smallest); --max-rows 0 shows all, "
+                "--format json/csv lists every label",
+                width,
+            )
+        )
+    lines.append(rule)
+    for title, d in mean_rows:
+        lines.append(
+            f"{_shorten(title, lab_w):<{lab_w}} {'':>{sup_w}}"
+            + "".join(f"{_fmt(d.get(c)):>{_COL}}" for c in cols)
+        )
+    if dropped:
+        lines.extend(
+            textwrap.wrap(f"(not shown for width: {', '.join(dropped)}; see --format json or csv)", width)
+        )
     lines.append("")
+
+    # ---------------------------------------------------------------- headline and overall
+    lines.extend(bold(x) for x in textwrap.wrap(headline(res, cols), width))
+    o = res.overall
     lines.append(
         "overall: accuracy {}  balanced accuracy {}  MCC {}  kappa {}".format(
-            *(_fmt(o[k]) for k in ("accuracy", "balanced_accuracy", "mcc", "cohen_kappa"))
+            *(_fmt(o.get(k)) for k in ("accuracy", "balanced_accuracy", "mcc", "cohen_kappa"))
         )
     )
-    if res.timing.get("seconds"):
-        t = res.timing
-        lines.append(
-            f"time:    {t['seconds']:.2f} s, {t.get('voxels_per_second', 0) / 1e6:.0f} Mvoxel/s, backend {t.get('backend', '?')}"
-        )
+    t = res.timing or {}
+    if t.get("seconds"):
+        rate = t.get("voxels_per_second")
+        parts = [f"{t['seconds']:.2f} s"]
+        if rate:
+            parts.append(f"{_si(rate)}voxel/s")
+        if t.get("backend"):
+            parts.append(f"backend {t['backend']}")
+        if t.get("workers"):
+            parts.append(f"{t['workers']} worker{'s' if t['workers'] != 1 else ''}")
+        lines.append("time:    " + ", ".join(parts))
+
+    # ---------------------------------------------------------------- threshold sweep
+    if res.curves:
+        lines.append("")
+        lines.extend(curve_lines(res, width))
+
+    # ---------------------------------------------------------------- warnings
     if res.warnings:
         lines.append("")
-        for w in res.warnings:
-            lines.append(yellow(f"warning: {w}"))
+        for w in res.warnings[: max(max_warnings, 0) or None]:
+            for piece in textwrap.wrap(f"warning: {w}", width, subsequent_indent="  "):
+                lines.append(yellow(piece))
+        extra = len(res.warnings) - max_warnings
+        if max_warnings > 0 and extra > 0:
+            lines.append(yellow(f"... and {extra} more warnings (all in --format json)"))
     return "\n".join(lines)
 
 
-def _label(lab: int, names: dict[int, str]) -> str:
-    return f"{lab} {names[lab]}" if lab in names else str(lab)
+def headline(res: EvaluationResult, cols: Sequence[str] = ("dice", "iou")) -> str:
+    """One sentence with the mean people quote: foreground mean unless background is included."""
+    picks = [m for m in ("dice", "iou") if m in res.metrics] or list(cols[:2]) or list(res.metrics[:2])
+    bg = (res.options or {}).get("background_label")
+    bg_present = bg is not None and any(int(x) == bg for x in res.labels)
+    d = res.foreground_mean if bg_present else res.mean
+    n = d.get("n_averaged", {})
+    counts = sorted({int(n[m]) for m in picks if isinstance(n, dict) and m in n})
+    what = ", ".join(f"{m if m != 'iou' else 'IoU'} {_fmt(d.get(m))}" for m in picks)
+    what = what[0].upper() + what[1:] if what else what
+    over = f"{counts[0]} label{'s' if counts[0] != 1 else ''}" if len(counts) == 1 else "labels"
+    if bg_present:
+        return f"mean over foreground: {what} ({over}; background {bg} left out)"
+    why = "background included" if bg is None else f"no label {bg} present"
+    return f"mean over all labels: {what} ({over}; {why})"
+
+
+def curve_lines(res: EvaluationResult, width: int = 80, max_labels: int = 20) -> list[str]:
+    """One line per swept label: ROC AUC, average precision, best Dice and IoU thresholds."""
+    names = res.label_names or {}
+    curves = res.curves or {}
+    out = [f"threshold sweep ({_sweep_size(curves)} thresholds, 'p > t'):"]
+    for key, c in list(curves.items())[:max_labels]:
+        try:
+            lab_text = label_text(int(key), names)
+        except ValueError:
+            lab_text = str(key)
+        parts = [f"ROC AUC {_fmt(c.get('roc_auc'))}", f"AP {_fmt(c.get('average_precision'))}"]
+        for m, title in (("dice", "Dice"), ("iou", "IoU")):
+            best = c.get(f"best_{m}") or {}
+            if best.get(m) is not None and best.get("threshold") is not None:
+                parts.append(f"best {title} {_fmt(best[m])} (t={best['threshold']:.4g})")
+        out.extend(textwrap.wrap(f"  {lab_text}: " + ", ".join(parts), width, subsequent_indent="    "))
+    if len(curves) > max_labels:
+        out.append(f"  ... {len(curves) - max_labels} more (all in --format json)")
+    return out
+
+
+def _sweep_size(curves: dict[str, Any]) -> str:
+    for c in curves.values():
+        t = c.get("thresholds")
+        if isinstance(t, (list, tuple)):
+            return f"{len(t):,}"
+    return "?"

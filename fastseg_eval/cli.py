@@ -1,0 +1,610 @@
+"""The command line: ``fastseg-eval PRED GT [options]`` and ``fastseg-eval demo DIR``.
+
+A thin shell over :func:`fastseg_eval.evaluate`: parse options, run, write the report. Exit
+codes: 0 ok; 1 bad data or a runtime failure (one line on stderr, no traceback unless
+``--debug``); 2 a usage error (unknown option or option value); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from ._version import __version__
+
+PROG = "fastseg-eval"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+FORMATS = ("table", "json", "csv")
+FORMAT_BY_EXTENSION = {".json": "json", ".csv": "csv", ".txt": "table"}
+MATRIX_EXTENSIONS = (".npy", ".csv")
+PLOT_EXTENSIONS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+PROGRESS_DELAY_ENV = "FASTSEG_EVAL_PROGRESS_DELAY"
+"""Seconds before the progress bar appears (default 1)."""
+
+
+class UsageError(Exception):
+    """A command-line usage problem: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage block
+        raise UsageError(message)
+
+
+# ---------------------------------------------------------------------- option value parsers
+def _label_list(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-3,7"`` -> a list of labels."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ValueError
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not a label or a range a-b (expected e.g. 0,1,2 or 0-3)"
+            ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("no label given (expected e.g. 0,1,2)")
+    return out
+
+
+def _label_names(text: str) -> dict[int, str]:
+    """``"1=liver,2=tumour"``, or a JSON file: ``{"1": "liver"}`` or a list indexed by label."""
+    if text.lower().endswith(".json") or os.path.isfile(text):
+        try:
+            with open(text, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"cannot read label names from {text}: {e}") from None
+        if isinstance(data, list):
+            data = {i: name for i, name in enumerate(data) if name is not None}
+        if not isinstance(data, dict):
+            raise argparse.ArgumentTypeError(
+                f'{text} must hold a JSON object {{"1": "liver", ...}} or a list of names'
+            )
+        items = list(data.items())
+    else:
+        items = []
+        for part in (p for p in text.split(",") if p.strip()):
+            if "=" not in part:
+                raise argparse.ArgumentTypeError(
+                    f"{part!r} is not LABEL=NAME (expected e.g. 1=liver,2=tumour, or a .json file)"
+                )
+            items.append(tuple(s.strip() for s in part.split("=", 1)))
+    out: dict[int, str] = {}
+    for k, v in items:
+        try:
+            out[int(k)] = str(v)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"label {k!r} in --label-names is not an integer") from None
+    return out
+
+
+def _storage_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; VALUE is read as JSON when it parses (true, 3, {...}), else kept as text."""
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. anon=true)")
+    key, value = (s.strip() for s in text.split("=", 1))
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _level(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+# ---------------------------------------------------------------------- parsers
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``fastseg-eval PRED GT [options]``."""
+    p = _Parser(
+        prog=PROG,
+        description=(
+            "Confusion matrix and segmentation metrics of a prediction against ground truth, in one "
+            "pass over zarr (v2/v3, groups, OME-Zarr, .zip, fsspec URLs). PRED comes first, GT second."
+        ),
+        epilog=(
+            "Try it without data: `fastseg-eval demo /tmp/fse-demo` writes an example pair and prints "
+            "the command to evaluate it.  Exit codes: 0 ok, 1 bad data or runtime error, "
+            "2 usage error, 130 interrupted."
+        ),
+    )
+    p.add_argument("pred", metavar="PRED", help="prediction: zarr store, node path, .zip store or URL")
+    p.add_argument("gt", metavar="GT", help="ground truth: zarr store, node path, .zip store or URL")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+    g = p.add_argument_group("inputs")
+    g.add_argument("--pred-key", metavar="PATH", help="array inside the PRED store (e.g. labels/cells/0)")
+    g.add_argument("--gt-key", metavar="PATH", help="array inside the GT store")
+    g.add_argument("--mask", metavar="PATH", help="count only voxels where this volume is nonzero")
+    g.add_argument("--mask-key", metavar="PATH", help="array inside the mask store")
+    g.add_argument(
+        "--level", type=_level, metavar="N",
+        help="OME-Zarr multiscale level (index or dataset path; default: full resolution)",
+    )  # fmt: skip
+    g.add_argument(
+        "--storage-option", dest="storage_options", action="append", type=_storage_option, default=[],
+        metavar="KEY=VALUE", help="fsspec option for URLs, repeatable (VALUE read as JSON if it parses)",
+    )  # fmt: skip
+
+    g = p.add_argument_group("labels")
+    g.add_argument("-n", "--num-classes", type=_positive_int, metavar="K", help="labels are 0..K-1")
+    g.add_argument("--labels", type=_label_list, metavar="L,...", help="the labels, e.g. 0,1,2 or 0-3")
+    g.add_argument(
+        "--label-names", type=_label_names, metavar="L=NAME,...|FILE.json",
+        help="names shown beside labels, e.g. 1=liver,2=tumour, or a JSON file",
+    )  # fmt: skip
+    g.add_argument(
+        "--ignore-label", type=int, metavar="L", help="ground-truth label whose voxels are skipped"
+    )
+    bg = g.add_mutually_exclusive_group()
+    bg.add_argument(
+        "--background-label", type=int, default=0, metavar="L",
+        help="label left out of the foreground mean and micro average (default 0)",
+    )  # fmt: skip
+    bg.add_argument(
+        "--no-background", dest="background_label", action="store_const", const=None,
+        help="no background label: every label counts in every mean",
+    )  # fmt: skip
+
+    g = p.add_argument_group("probability maps")
+    g.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="PRED is a binary probability map: label 1 where p > T (default 0.5 with --sweep)",
+    )
+    g.add_argument(
+        "--channel-axis",
+        type=int,
+        metavar="AXIS",
+        help="PRED holds one probability per class along AXIS: label = argmax",
+    )
+    g.add_argument(
+        "--prob-scale",
+        type=float,
+        metavar="S",
+        help="PRED stores integers meaning value / S (e.g. 255 for uint8 maps)",
+    )
+    g.add_argument(
+        "--sweep", type=_positive_int, nargs="?", const=True, metavar="B",
+        help="also sweep the threshold in the same pass with B bins (default 1000): ROC AUC, average "
+        "precision, best Dice / IoU threshold (put it after PRED GT, or give B)",
+    )  # fmt: skip
+
+    g = p.add_argument_group("metrics")
+    g.add_argument(
+        "--metrics", metavar="NAME,...",
+        help="metrics to report, names or aliases (dice,iou,recall,...) or 'all' (default: all)",
+    )  # fmt: skip
+    g.add_argument(
+        "--empty",
+        choices=("nan", "zero", "one"),
+        default="nan",
+        help="value of a metric with a zero denominator (default nan; means skip NaN)",
+    )
+    g.add_argument("--tversky-alpha", type=float, default=0.5, metavar="A", help="weight of FP (default 0.5)")
+    g.add_argument("--tversky-beta", type=float, default=0.5, metavar="B", help="weight of FN (default 0.5)")
+    g.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="EPS",
+        help="added to numerator and denominator of dice, iou, tversky (default 0)",
+    )
+
+    g = p.add_argument_group("compute")
+    g.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto", help="(default auto)")
+    g.add_argument("--workers", type=_positive_int, metavar="N", help="threads (default: CPUs available)")
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run as a dask graph: a scheduler name or dask.distributed address (tcp://...)",
+    )
+
+    g = p.add_argument_group("output")
+    g.add_argument("--format", choices=FORMATS, help="report format (default table, or from -o's extension)")
+    g.add_argument("-o", "--output", metavar="FILE", help="write the report here (.json, .csv or .txt)")
+    g.add_argument(
+        "--save-matrix", metavar="FILE", help="raw int64 confusion matrix, rows = gt (.npy or .csv)"
+    )
+    g.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="confusion heatmap + per-class bars (.png/.pdf/.svg; "
+        "needs matplotlib: pip install 'fastseg-eval[plot]')",
+    )
+    g.add_argument(
+        "--max-rows",
+        type=_nonneg_int,
+        default=50,
+        metavar="N",
+        help="table: at most N class rows, the largest (default 50; 0 = all)",
+    )
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar; with -o, nothing on stdout")
+    g.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--debug", action="store_true", help="show tracebacks and log decisions")
+    return p
+
+
+def build_demo_parser() -> argparse.ArgumentParser:
+    """The parser of ``fastseg-eval demo DIR`` (also ``fastseg-eval --demo DIR``)."""
+    p = _Parser(
+        prog=f"{PROG} demo",
+        description="Write a small synthetic pair DIR/pred.zarr and DIR/gt.zarr and print the command "
+        "that evaluates it.",
+    )
+    p.add_argument("directory", metavar="DIR", nargs="?", help="where to write pred.zarr and gt.zarr")
+    p.add_argument("--demo", dest="demo_dir", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="96", metavar="N|Z,Y,X", help="volume shape (default 96 = 96x96x96)")
+    p.add_argument("--classes", type=int, default=4, metavar="K", help="labels 0..K-1 (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3, help="(default 3)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+# ---------------------------------------------------------------------- helpers
+def _stdout_is_tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def use_color() -> bool:
+    """ANSI colour on stdout: only on a terminal, never with NO_COLOR set or TERM=dumb."""
+    return _stdout_is_tty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def _table_width() -> int:
+    if not _stdout_is_tty():
+        return 80
+    return max(60, shutil.get_terminal_size((80, 24)).columns)
+
+
+def _suffix(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    if args.format:
+        return args.format
+    if args.output:
+        fmt = FORMAT_BY_EXTENSION.get(_suffix(args.output))
+        if fmt is None:
+            raise UsageError(
+                f"cannot tell the report format from -o {args.output}: use a .json, .csv or .txt name, "
+                "or add --format table|json|csv"
+            )
+        return fmt
+    return "table"
+
+
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """Problems with output paths, found before a possibly long run."""
+    if args.save_matrix and _suffix(args.save_matrix) not in MATRIX_EXTENSIONS:
+        raise UsageError(f"--save-matrix {args.save_matrix}: the name must end in .npy or .csv")
+    if args.plot and _suffix(args.plot) not in PLOT_EXTENSIONS:
+        raise UsageError(f"--plot {args.plot}: the name must end in {', '.join(PLOT_EXTENSIONS)}")
+    from .errors import FastSegError
+
+    for flag, path in (("-o", args.output), ("--save-matrix", args.save_matrix), ("--plot", args.plot)):
+        if path:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise FastSegError(f"{flag} {path}: the directory {parent} does not exist")
+            if os.path.isdir(path):
+                raise FastSegError(f"{flag} {path} is a directory; give a file name")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        from .plot import MISSING_MATPLOTLIB
+
+        raise FastSegError(f"--plot: {MISSING_MATPLOTLIB}")
+
+
+def _progress(args: argparse.Namespace, evaluate_kwargs: dict[str, Any]) -> Any:
+    """A progress bar on stderr, or False."""
+    on = args.progress
+    if on is None:
+        try:
+            on = sys.stderr.isatty() and not args.quiet
+        except (AttributeError, ValueError):
+            on = False
+    if not on:
+        return False
+    from .progress import ProgressBar
+    from .sources import open_volume
+
+    gt = open_volume(
+        args.gt, "gt", key=args.gt_key, level=args.level,
+        storage_options=evaluate_kwargs["storage_options"],
+    )  # fmt: skip
+    total = 1
+    for s in gt.shape:
+        total *= int(s)
+    try:
+        delay = float(os.environ.get(PROGRESS_DELAY_ENV, "1"))
+    except ValueError:
+        delay = 1.0
+    return ProgressBar(total, delay=delay)
+
+
+def evaluate_kwargs(args: argparse.Namespace, metric_names: list[str] | None) -> dict[str, Any]:
+    """The keyword arguments of :func:`fastseg_eval.evaluate` that ``args`` asks for."""
+    return {
+        "num_classes": args.num_classes,
+        "labels": args.labels,
+        "ignore_label": args.ignore_label,
+        "mask": args.mask,
+        "threshold": args.threshold,
+        "channel_axis": args.channel_axis,
+        "thresholds": args.sweep,
+        "prob_scale": args.prob_scale,
+        "tversky_alpha": args.tversky_alpha,
+        "tversky_beta": args.tversky_beta,
+        "smooth": args.smooth,
+        "empty": args.empty,
+        "backend": args.backend,
+        "workers": args.workers,
+        "scheduler": args.scheduler,
+        "metrics": metric_names,
+        "label_names": args.label_names,
+        "background_label": args.background_label,
+        "pred_key": args.pred_key,
+        "gt_key": args.gt_key,
+        "mask_key": args.mask_key,
+        "level": args.level,
+        "storage_options": dict(args.storage_options) or None,
+    }
+
+
+def save_matrix(res: Any, path: str) -> None:
+    """Write the raw int64 matrix (rows = ground truth, columns = prediction) as .npy or .csv."""
+    import numpy as np
+
+    from .errors import FastSegError
+
+    cm = res.confusion_matrix
+    if cm is None:
+        raise FastSegError(
+            f"--save-matrix {path}: no full matrix was kept ({len(res.labels)} labels, diagonal + marginals "
+            "mode); the per-class counts are in --format json/csv"
+        )
+    cm = np.asarray(cm, dtype=np.int64)
+    if _suffix(path) == ".npy":
+        with open(path, "wb") as fh:
+            np.save(fh, cm)
+        return
+    labels = ",".join(str(int(x)) for x in res.labels)
+    header = (
+        "fastseg-eval confusion matrix: rows = ground truth, columns = prediction\n"
+        f"labels (rows and columns, in order): {labels}"
+    )
+    np.savetxt(path, cm, fmt="%d", delimiter=",", header=header)
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text if text.endswith("\n") else text + "\n")
+
+
+def _label_name_warnings(res: Any, names: dict[int, str] | None) -> None:
+    if not names:
+        return
+    present = {int(x) for x in res.labels}
+    unknown = sorted(k for k in names if k not in present)
+    if unknown:
+        shown = ", ".join(map(str, unknown[:10])) + (", ..." if len(unknown) > 10 else "")
+        res.warnings.append(f"--label-names names label(s) {shown} that are not among the labels evaluated")
+
+
+# ---------------------------------------------------------------------- commands
+def run(args: argparse.Namespace) -> int:
+    """Evaluate as ``args`` says and write the reports. Raises on errors (``main`` maps them)."""
+    from . import api
+    from .metrics import resolve_metrics
+    from .table import format_table
+
+    fmt = _output_format(args)
+    names = resolve_metrics(args.metrics) if args.metrics else None  # unknown name: OptionError -> 2
+    _check_output_paths(args)
+    kwargs = evaluate_kwargs(args, names)
+    bar = _progress(args, kwargs)
+    try:
+        res = api.evaluate(args.pred, args.gt, progress=bar, **kwargs)
+    finally:
+        close = getattr(bar, "close", None)
+        if close is not None:
+            close()
+    _label_name_warnings(res, args.label_names)
+
+    table_metrics = names  # columns: the selected metrics (what fits), else the default set
+    if fmt == "json":
+        text = res.to_json()
+    elif fmt == "csv":
+        text = res.to_csv()
+    else:
+        text = format_table(
+            res, color=use_color() and not args.output, metrics=table_metrics,
+            width=80 if args.output else _table_width(), max_rows=args.max_rows,
+        )  # fmt: skip
+    if args.output:
+        _write(args.output, text)
+        if not args.quiet:
+            table = (
+                text
+                if fmt == "table"
+                else format_table(
+                    res,
+                    color=use_color(),
+                    metrics=table_metrics,
+                    width=_table_width(),
+                    max_rows=args.max_rows,
+                )
+            )
+            print(table)
+            print(f"{PROG}: wrote the {fmt} report to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+    if args.save_matrix:
+        save_matrix(res, args.save_matrix)
+    if args.plot:
+        from .plot import plot_result
+
+        note = plot_result(res, args.plot)
+        if note and not args.quiet:
+            print(f"{PROG}: {note}", file=sys.stderr)
+        if res.curves:
+            from .plot import plot_curves
+
+            stem, ext = os.path.splitext(args.plot)
+            plot_curves(res, f"{stem}-curves{ext}")
+            if not args.quiet:
+                print(f"{PROG}: wrote ROC / precision-recall curves to {stem}-curves{ext}", file=sys.stderr)
+    return EXIT_OK
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Write the demo pair and print the command that evaluates it."""
+    from .demo import write_demo_pair
+    from .errors import FastSegError
+
+    directory = args.directory or args.demo_dir
+    if not directory:
+        raise UsageError("demo needs a directory, e.g. fastseg-eval demo /tmp/fse-demo")
+    try:
+        shape = [int(s) for s in str(args.shape).replace("x", ",").split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--shape {args.shape!r}: expected N or Z,Y,X (e.g. 96 or 64,128,128)") from None
+    if not shape or any(s < 2 for s in shape):
+        raise UsageError(f"--shape {args.shape!r}: every size must be at least 2")
+    if not 2 <= args.classes <= 255:
+        raise UsageError(f"--classes {args.classes}: must be between 2 and 255")
+    shape_t = tuple(shape) * 3 if len(shape) == 1 else tuple(shape)
+    try:
+        pred, gt = write_demo_pair(
+            directory, shape=shape_t, num_classes=args.classes, seed=args.seed, zarr_format=args.zarr_format
+        )
+    except FileExistsError as e:
+        raise FastSegError(str(e)) from e
+    except OSError as e:
+        raise FastSegError(f"cannot write the demo to {directory}: {e.strerror or e}") from e
+    dims = "x".join(map(str, shape_t))
+    print(f"wrote {pred} (prediction) and {gt} (ground truth):")
+    print(f"  zarr v{args.zarr_format}, uint8 {dims}, labels 0..{args.classes - 1} (0 = background)")
+    print("evaluate them with:")
+    print(f"  {PROG} {shlex.quote(pred)} {shlex.quote(gt)}")
+    return EXIT_OK
+
+
+def _is_demo(argv: Sequence[str]) -> bool:
+    return bool(argv) and argv[0] == "demo" or any(a == "--demo" or a.startswith("--demo=") for a in argv)
+
+
+def _error(message: str) -> None:
+    first = " ".join(str(message).split())  # one line
+    print(f"{PROG}: error: {first}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastseg-eval`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        logging.basicConfig(format=f"{PROG}: %(message)s", level=logging.INFO)
+        logging.getLogger("fastseg_eval").setLevel(logging.DEBUG)
+    try:
+        if _is_demo(argv):
+            args = build_demo_parser().parse_args(argv[1:] if argv[0] == "demo" else argv)
+            return run_demo(args)
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_ERROR)
+    except UsageError as e:
+        if debug:
+            traceback.print_exc()
+        _error(f"{e} (see {PROG} --help)")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `fastseg-eval ... | head`: stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_ERROR
+    except Exception as e:
+        from .errors import FastSegError, OptionError
+
+        if debug:
+            traceback.print_exc()
+        if isinstance(e, OptionError):
+            _error(str(e))
+            return EXIT_USAGE
+        if isinstance(e, FastSegError):
+            _error(str(e))
+            return EXIT_ERROR
+        if isinstance(e, MemoryError):
+            _error(
+                "out of memory; try fewer --workers" + ("" if debug else " (rerun with --debug for details)")
+            )
+            return EXIT_ERROR
+        hint = "" if debug else " (this is unexpected; rerun with --debug for the traceback)"
+        _error(f"{type(e).__name__}: {e}{hint}")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
