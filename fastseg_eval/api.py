@@ -164,7 +164,14 @@ def evaluate(
     bar = _progress(progress, total)
     try:
         stats = count_into(
-            acc, None, None, workers=nworkers, scheduler=scheduler, progress=bar, volumes=(pv, gv, mv)
+            acc,
+            None,
+            None,
+            workers=nworkers,
+            scheduler=scheduler,
+            progress=bar,
+            volumes=(pv, gv, mv),
+            backend=chosen,
         )
     finally:
         if isinstance(bar, ProgressBar):

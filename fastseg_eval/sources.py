@@ -241,6 +241,20 @@ def _resolve_group(
         arr, sub = _resolve_group(node, role, f"{source}/{key}", None, level)
         return arr, f"{key}/{sub}"
     attrs = dict(group.attrs)
+    names = _ome_labels(attrs)
+    # an OME-Zarr image that carries label images: evaluate a label image, never its intensities
+    if names is None and "labels" in group and isinstance(group["labels"], zarr.Group):
+        names = _ome_labels(dict(group["labels"].attrs))
+        if names is not None:
+            if len(names) == 1:
+                arr, sub = _resolve_group(
+                    group["labels"][names[0]], role, f"{source}/labels/{names[0]}", None, level
+                )
+                return arr, f"labels/{names[0]}/{sub}"
+            raise InputError(
+                f"{label}: {source} is an OME-Zarr image with {len(names)} label images ({', '.join(names)}); "
+                f"address one, e.g. {source}/labels/{names[0]}"
+            )
     ms = _ome_multiscales(attrs)
     if ms is not None:
         datasets = ms[0].get("datasets") or []
@@ -264,19 +278,6 @@ def _resolve_group(
         if not isinstance(node, zarr.Array):
             raise InputError(f"{label}: {source}/{chosen} (a multiscale level) is not an array")
         return node, chosen
-    names = _ome_labels(attrs)
-    if names is None and "labels" in group and isinstance(group["labels"], zarr.Group):
-        names = _ome_labels(dict(group["labels"].attrs))
-        if names is not None:
-            if len(names) == 1:
-                arr, sub = _resolve_group(
-                    group["labels"][names[0]], role, f"{source}/labels/{names[0]}", None, level
-                )
-                return arr, f"labels/{names[0]}/{sub}"
-            raise InputError(
-                f"{label}: {source} is an OME-Zarr image with {len(names)} label images ({', '.join(names)}); "
-                f"address one, e.g. {source}/labels/{names[0]}"
-            )
     if names is not None:  # the labels group itself
         if len(names) == 1:
             arr, sub = _resolve_group(group[names[0]], role, f"{source}/{names[0]}", None, level)
