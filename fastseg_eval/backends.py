@@ -25,11 +25,27 @@ def cuda_status() -> tuple[bool, str]:
     return _cuda.available(simulated)
 
 
+def _gpu_device_present() -> bool:
+    """A cheap look for an NVIDIA device node, so that "auto" need not import numba-cuda.
+
+    Only decisive on Linux (device nodes, or /dev/dxg under WSL); elsewhere "maybe" (True).
+    """
+    import glob
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg"))
+
+
 def resolve_backend(name: str) -> str:
     """``"cpu"`` or ``"cuda"`` for a requested backend name; raises a clear error otherwise."""
     if name not in BACKENDS:
         raise OptionError(f"backend={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     if name == "cpu":
+        return "cpu"
+    if name == "auto" and not _gpu_device_present():
+        log.info("backend auto -> cpu (no GPU device found)")
         return "cpu"
     ok, why = cuda_status()
     if name == "cuda":
