@@ -111,7 +111,11 @@ def evaluate(
     workers : int, optional
         Threads reading and counting chunks (default: the CPUs available).
     scheduler : optional
-        A dask scheduler name, ``distributed.Client`` or address, to run as a dask graph.
+        Run as a dask graph: a ``distributed.Client`` or cluster, an address ``"tcp://host:port"``,
+        ``"local:N"`` (a LocalCluster of N worker processes for this run), ``"distributed"`` (the
+        current client), or a local dask scheduler name (``"threads"``, ``"processes"``,
+        ``"synchronous"``); see :mod:`fastseg_eval.distributed`. Workers open zarr stores
+        themselves; only small count arrays travel back.
     progress : bool or callable
         ``True`` draws a progress bar on stderr; a callable receives voxel counts as units finish.
     metrics : list of str, optional

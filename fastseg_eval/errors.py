@@ -30,6 +30,13 @@ class LabelError(FastSegError, ValueError):
         self.value = value
         self.position = position
 
+    def __reduce__(self):  # keyword-only arguments: pickle (dask workers, process pools) needs help
+        return (_rebuild_label_error, (str(self), self.role, self.value, self.position))
+
+
+def _rebuild_label_error(message: str, role: str, value: int, position: tuple[int, ...] | None) -> LabelError:
+    return LabelError(message, role=role, value=value, position=position)
+
 
 class OptionError(FastSegError, ValueError):
     """An option has an invalid value (unknown metric, empty policy, backend, ...)."""
