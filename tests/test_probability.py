@@ -236,3 +236,26 @@ def test_curves_in_json_have_the_design_keys():
     ):
         assert key in cur
     assert set(cur["best_dice"]) == {"threshold", "dice"} and set(cur["best_iou"]) == {"threshold", "iou"}
+
+
+@pytest.mark.parametrize("scheduler", [None, "synchronous"])
+def test_argmax_through_the_dask_engine(tmp_path, scheduler):
+    """Dask probability maps (channel axis chunked) and zarr ones read by dask tasks."""
+    import dask.array as da
+
+    rng = np.random.default_rng(12)
+    k, spatial = 3, (10, 12, 14)
+    probs = rng.random((*spatial[:2], k, spatial[2])).astype(np.float32)  # channel axis 2
+    gt = rng.integers(0, k, spatial).astype(np.uint8)
+    want = cm_ref(gt, np.argmax(probs, axis=2), k)
+    z = zarr.create_array(tmp_path / "probs.zarr", shape=probs.shape, chunks=(4, 5, 2, 6), dtype="f4")
+    z[:] = probs
+    sources = [da.from_array(probs, chunks=(3, 7, 1, 5)), str(tmp_path / "probs.zarr")]
+    for src in sources:
+        res = fse.evaluate(
+            src, da.from_array(gt, chunks=(5, 5, 5)), channel_axis=2, scheduler=scheduler, thresholds=8
+        )
+        assert res.confusion_matrix.tolist() == want.tolist()
+        cur = res.curves["1"]
+        y, s = (gt == 1).ravel(), probs[:, :, 1, :].ravel()
+        assert cur["tp"] == [int(np.sum(y & (s > t))) for t in cur["thresholds"]]
