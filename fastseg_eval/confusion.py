@@ -363,6 +363,8 @@ class ConfusionMatrix:
         return out
 
     def _count3(self, g3, p3, m3, has_mask, ignore, has_ignore, g_signed, p_signed, gt, pred) -> None:
+        if g3.size == 0:
+            return
         state = self._state
         if self._direct:
             k = self._kcap

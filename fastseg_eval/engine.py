@@ -385,8 +385,9 @@ def _run_threads(
             wait(futures)
             for f in futures:
                 f.result()
-    for c in counters:
-        acc.merge(finish_counter(c))
+    finished = [finish_counter(c) for c in counters]  # a late (CUDA) error must leave acc untouched
+    for f in finished:
+        acc.merge(f)
     zarrs = [v for v in vols if v.kind == "zarr"]
     return RunStats(
         engine="threads",
