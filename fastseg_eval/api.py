@@ -33,6 +33,13 @@ def _open_all(pred, gt, mask, *, pred_key, gt_key, mask_key, level, storage_opti
     return pv, gv, mv
 
 
+def _device_backend(requested: str, chosen: str, vols: tuple) -> str:
+    """ "auto" with arrays already on a GPU means the CUDA backend."""
+    if requested == "auto" and chosen == "cpu" and any(v is not None and v.kind == "cuda" for v in vols):
+        return resolve_backend("cuda")
+    return chosen
+
+
 def _progress(progress: Any, total: int):
     if progress is True:
         return ProgressBar(total)
@@ -155,6 +162,7 @@ def evaluate(
         pred, gt, mask, pred_key=pred_key, gt_key=gt_key, mask_key=mask_key, level=level,
         storage_options=storage_options,
     )  # fmt: skip
+    chosen = _device_backend(backend, chosen, (pv, gv, mv))
     spec, axis = make_spec(
         pv.dtype, len(pv.shape), len(gv.shape), pv.shape, threshold=threshold, channel_axis=channel_axis,
         thresholds=thresholds, prob_scale=prob_scale, num_classes=num_classes, labels=labels,
@@ -247,6 +255,7 @@ def confusion_matrix(
         pred, gt, mask, pred_key=None, gt_key=None, mask_key=None, level=None, storage_options=None
     )
     check_volumes(pv, gv, mv)
+    chosen = _device_backend(backend, chosen, (pv, gv, mv))
     count_into(acc, None, None, workers=nworkers, volumes=(pv, gv, mv), backend=chosen)
     if not acc.is_dense:
         raise FastSegError(

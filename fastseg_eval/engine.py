@@ -97,7 +97,9 @@ def count_into(
         pv, gv, mv = volumes
     nworkers = check_workers(workers)
     t0 = time.perf_counter()
-    if scheduler is not None or any(v is not None and v.kind == "dask" for v in (pv, gv, mv)):
+    if any(v is not None and v.kind == "cuda" for v in (pv, gv, mv)):
+        stats = _run_device(acc, gv, pv, mv, backend)
+    elif scheduler is not None or any(v is not None and v.kind == "dask" for v in (pv, gv, mv)):
         from .dask_engine import run_dask
 
         stats = run_dask(acc, gv, pv, mv, scheduler=scheduler, progress=progress, backend=backend)
@@ -336,6 +338,21 @@ def _count_unit(counter: Any, plan: _Plan, gv: Volume, pv: Volume, mv: Volume | 
         counter.add_chunk(
             arrays[0], arrays[1], arrays[2] if mv is not None else None, offset=[a for a, _ in cell]
         )
+
+
+def _run_device(acc: ConfusionMatrix, gv: Volume, pv: Volume, mv: Volume | None, backend: str) -> RunStats:
+    """Arrays already on the GPU: one CUDA count in place, no chunking and no copy to the host."""
+    if backend != "cuda":
+        raise OptionError(
+            "the inputs include arrays already on the GPU: use backend='cuda' (or 'auto'), "
+            "or copy them to the host first"
+        )
+    if acc._prob is not None:
+        raise OptionError("probability maps on the GPU are not supported yet; copy them to the host first")
+    from .kernels.cuda import count_device
+
+    count_device(pv.array, gv.array, acc, mask=None if mv is None else mv.array)
+    return RunStats(engine="device", workers=1, units=1)
 
 
 # ------------------------------------------------------------------------------- thread engine

@@ -24,7 +24,7 @@ class Volume:
 
     role: str
     source: str
-    kind: str  # "numpy" | "zarr" | "dask"
+    kind: str  # "numpy" | "zarr" | "dask" | "cuda" (an array already on the GPU)
     array: Any
     url: str | None = None  # the store's address, for reopening on dask workers
     key: str | None = None  # node path inside the store
@@ -33,6 +33,8 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.kind == "cuda" and hasattr(self.array, "__cuda_array_interface__"):
+            return tuple(int(s) for s in self.array.__cuda_array_interface__["shape"])
         return tuple(int(s) for s in self.array.shape)
 
     @property
@@ -50,6 +52,8 @@ class Volume:
 
     @property
     def dtype(self) -> np.dtype:
+        if self.kind == "cuda" and hasattr(self.array, "__cuda_array_interface__"):
+            return np.dtype(self.array.__cuda_array_interface__["typestr"])  # torch dtypes are not numpy's
         return np.dtype(self.array.dtype)
 
     @property
@@ -90,6 +94,11 @@ class Volume:
         return np.asarray(out)
 
 
+def _is_device_array(obj: Any) -> bool:
+    """Arrays already on a GPU: numba device arrays (also the simulator's), CuPy, torch CUDA tensors."""
+    return bool(getattr(obj, "__cuda_ndarray__", False)) or hasattr(obj, "__cuda_array_interface__")
+
+
 def _is_dask(obj: Any) -> bool:
     try:
         import dask.array as da
@@ -115,6 +124,10 @@ def open_volume(
         return _open_path(os.fspath(obj), role, key=key, level=level, storage_options=storage_options)
     if _is_dask(obj):
         return Volume(role, f"dask array {obj.shape} {obj.dtype}", "dask", obj)
+    if _is_device_array(obj):
+        v = Volume(role, "", "cuda", obj)
+        v.source = f"GPU array {v.shape} {v.dtype}"
+        return v
     if isinstance(obj, zarr.Array):
         return _zarr_volume(obj, role, _zarr_source(obj), None, None, storage_options)
     if isinstance(obj, zarr.Group):

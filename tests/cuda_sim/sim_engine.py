@@ -154,3 +154,24 @@ def test_label_error_through_the_engine_names_the_full_volume_voxel(tmp_path):
     assert (gpu_e.role, gpu_e.value, gpu_e.position) == (cpu_e.role, cpu_e.value, cpu_e.position)
     assert (gpu_e.role, gpu_e.value, gpu_e.position) == ("gt", 9, (4, 5, 6))
     assert str(gpu_e) == str(cpu_e)
+
+
+def test_device_arrays_are_counted_in_place(cuda_calls):
+    """Arrays already on the GPU go straight to the CUDA counter through evaluate / confusion_matrix."""
+    from numba import cuda
+
+    rng = np.random.default_rng(21)
+    gt = rng.integers(0, 4, (6, 7, 9)).astype(np.uint8)
+    pred = gt.copy()
+    pred[rng.random(gt.shape) < 0.3] = 1
+    mask = rng.random(gt.shape) < 0.8
+    want, _ = reference_confusion(pred, gt, mask=mask, labels=list(range(4)))
+    dg, dp, dm = cuda.to_device(gt), cuda.to_device(pred), cuda.to_device(mask)
+    res = fse.evaluate(dp, dg, num_classes=4, mask=dm)  # backend "auto" follows the data
+    assert res.confusion_matrix.tolist() == np.asarray(want).tolist()
+    assert res.timing["backend"] == "cuda" and res.timing["engine"] == "device"
+    assert res.inputs["gt"]["source"].startswith("GPU array")
+    cm = fse.confusion_matrix(dp, dg, mask=dm)
+    assert cm.tolist() == np.asarray(want).tolist()
+    with pytest.raises(fse.OptionError, match="GPU"):
+        fse.evaluate(dp, dg, num_classes=4, backend="cpu")
