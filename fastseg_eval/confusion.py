@@ -291,7 +291,6 @@ class ConfusionMatrix:
             try:
                 self._count3(g3, p3, m3, mask is not None, ignore, has_ignore, g_signed, p_signed, gt, pred)
             except LabelError as e:
-                self._poisoned = str(e)
                 pos = e.position
                 if pos is not None:
                     inner = pos[3 - min(gt.ndim, 3) :] if gt.ndim < 3 else pos
@@ -300,6 +299,7 @@ class ConfusionMatrix:
                         full = tuple(int(a) + int(b) for a, b in zip(offset, full))
                     e.position = full
                     e.args = (_label_message(e.role, e.value, full, self),)
+                self._poisoned = str(e)
                 raise
 
     def _labels_from_probabilities(

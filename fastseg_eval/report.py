@@ -257,6 +257,13 @@ def diagnose(res: EvaluationResult, counts: dict[str, np.ndarray], background_la
             out.append(
                 f"label {lab} is in the ground truth ({int(support[i])} voxels) but never predicted (recall 0)"
             )
+    ignore = res.options.get("ignore_label")
+    if ignore is not None and ignore in labels:
+        i = labels.index(ignore)
+        out.append(
+            f"the prediction holds the ignore label {ignore} in {int(predicted[i])} counted voxels; "
+            "ignore_label only skips ground-truth voxels, so it is counted as a predicted label there"
+        )
     absent = [lab for i, lab in enumerate(labels) if support[i] == 0 and predicted[i] == 0]
     if absent:
         shown = ", ".join(map(str, absent[:10])) + (", ..." if len(absent) > 10 else "")
