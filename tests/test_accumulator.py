@@ -1,0 +1,237 @@
+"""The streaming ConfusionMatrix accumulator: batches, merges, pickling, fixed label spaces, errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from strategies import make_labels, perturb, reference_confusion, reference_marginals, seeds
+
+import fastseg_eval as fse
+from fastseg_eval.errors import FastSegError, LabelError, OptionError
+
+
+def _same_counts(acc, ref_cm, ref_labels):
+    assert [int(x) for x in acc.labels] == [int(x) for x in ref_labels]
+    if acc.is_dense:
+        np.testing.assert_array_equal(acc.counts, ref_cm)
+    np.testing.assert_array_equal(acc.diagonal, np.diagonal(ref_cm))
+    np.testing.assert_array_equal(acc.gt_counts, ref_cm.sum(axis=1))
+    np.testing.assert_array_equal(acc.pred_counts, ref_cm.sum(axis=0))
+    assert acc.n_voxels == ref_cm.sum()
+
+
+@st.composite
+def batch_streams(draw, max_batches=5):
+    """A list of (pred, gt) batches of different shapes whose label sets differ from batch to batch."""
+    rng = np.random.default_rng(draw(seeds))
+    n = draw(st.integers(1, max_batches))
+    big = draw(st.booleans())
+    universe = [0, 1, 2, 3, 7, 40, 255] + ([65536, 2**40, 2**63 + 5] if big else [])
+    dt = np.dtype("uint64") if big else np.dtype(draw(st.sampled_from(["uint8", "int32"])))
+    batches = []
+    for _ in range(n):
+        shape = tuple(int(s) for s in rng.integers(1, 6, size=draw(st.integers(1, 3))))
+        k = int(rng.integers(1, 4))
+        pool = [int(v) for v in rng.choice(universe, size=k, replace=False)]
+        gt = make_labels(shape, dt, pool, rng)
+        batches.append((perturb(gt, dt, pool, 0.5, rng), gt))
+    return batches
+
+
+def _concat(batches):
+    return (
+        np.concatenate([p.reshape(-1) for p, _ in batches]),
+        np.concatenate([g.reshape(-1) for _, g in batches]),
+    )
+
+
+@settings(max_examples=40)
+@given(batch_streams(), st.sampled_from([None, 3]), st.sampled_from([1024, 2]))
+def test_batches_equal_one_shot(batches, ignore, dense_max):
+    pred_all, gt_all = _concat(batches)
+    acc = fse.ConfusionMatrix(ignore_label=ignore, dense_max=dense_max)
+    for pred, gt in batches:
+        assert acc.update(pred, gt) is acc
+    ref, labels = reference_confusion(pred_all, gt_all, ignore_label=ignore)
+    if len(labels) <= dense_max:
+        _same_counts(acc, ref, labels)
+    else:
+        assert not acc.is_dense
+        _same_counts(acc, ref, labels)
+    one = fse.ConfusionMatrix(ignore_label=ignore, dense_max=dense_max).update(pred_all, gt_all)
+    _same_counts(one, ref, labels)
+    ignored = 0 if ignore is None else int(np.count_nonzero(gt_all == ignore))
+    assert acc.n_ignored == one.n_ignored == ignored
+
+
+@settings(max_examples=40)
+@given(batch_streams(max_batches=6), st.integers(0, 6), st.sampled_from([1024, 3]))
+def test_merge_of_different_label_sets(batches, cut, dense_max):
+    """Accumulators that discovered different labels (in different orders) merge into the one-shot counts."""
+    cut = min(cut, len(batches))
+    a = fse.ConfusionMatrix(dense_max=dense_max)
+    b = fse.ConfusionMatrix(dense_max=1024)  # dense and marginals-mode accumulators merge too
+    for pred, gt in batches[:cut]:
+        a.update(pred, gt)
+    for pred, gt in reversed(batches[cut:]):
+        b.update(pred, gt)
+    pred_all, gt_all = _concat(batches)
+    ref, labels = reference_confusion(pred_all, gt_all)
+    merged = a.copy().merge(b)
+    _same_counts(merged, ref, labels)
+    _same_counts(b + a, ref, labels)
+    # merge leaves the other side alone
+    if cut < len(batches):
+        rb, lb = reference_confusion(*_concat(batches[cut:]))
+        _same_counts(b, rb, lb)
+
+
+def test_merge_into_fixed_label_space():
+    fixed = fse.ConfusionMatrix(labels=[3, 0, 1])
+    fixed.update(np.array([0, 1, 3]), np.array([0, 1, 1]))
+    other = fse.ConfusionMatrix()
+    other.update(np.array([3, 3, 0]), np.array([3, 1, 0]))
+    fixed.merge(other)
+    pred = np.array([0, 1, 3, 3, 3, 0])
+    gt = np.array([0, 1, 1, 3, 1, 0])
+    ref, _ = reference_confusion(pred, gt, labels=[3, 0, 1])
+    _same_counts(fixed, ref, [3, 0, 1])
+
+    outside = fse.ConfusionMatrix().update(np.array([0, 5]), np.array([0, 1]))
+    before = fixed.counts
+    with pytest.raises(OptionError, match=r"label 5.*not among"):
+        fixed.merge(outside)
+    np.testing.assert_array_equal(fixed.counts, before)  # unchanged by the refused merge
+
+
+def test_merge_num_classes_with_discovered_and_marginals():
+    a = fse.ConfusionMatrix(4).update(np.array([0, 1, 2, 3]), np.array([0, 1, 1, 3]))
+    b = fse.ConfusionMatrix(dense_max=1).update(np.array([2, 2]), np.array([2, 0]))
+    assert not b.is_dense
+    a.merge(b)
+    assert not a.is_dense  # the dense side adopts the marginals mode
+    ref, labels = reference_confusion(
+        np.array([0, 1, 2, 3, 2, 2]), np.array([0, 1, 1, 3, 2, 0]), labels=range(4)
+    )
+    _same_counts(a, ref, labels)
+
+
+def test_merge_rejects_different_ignore_labels():
+    a = fse.ConfusionMatrix(ignore_label=255)
+    b = fse.ConfusionMatrix(ignore_label=0)
+    with pytest.raises(OptionError, match="ignore labels.*255.*0"):
+        a.merge(b)
+
+
+@pytest.mark.parametrize("dense_max", [1024, 2], ids=["dense", "marginals"])
+def test_pickle_round_trip(dense_max):
+    rng = np.random.default_rng(8)
+    pool = [0, 4, 9, 70000, 2**63 + 1]
+    gt = make_labels((5, 6, 4), np.dtype("uint64"), pool, rng)
+    pred = perturb(gt, np.dtype("uint64"), pool, 0.5, rng)
+    mask = rng.random(gt.shape) < 0.8
+    acc = fse.ConfusionMatrix(ignore_label=9, dense_max=dense_max).update(pred, gt, mask=mask)
+    assert acc.is_dense == (dense_max == 1024)
+    back = pickle.loads(pickle.dumps(acc))
+    assert back.is_dense == acc.is_dense
+    assert back.labels.dtype == acc.labels.dtype == np.uint64
+    ref, labels = reference_confusion(pred, gt, mask=mask, ignore_label=9)
+    _same_counts(back, ref, labels)
+    assert (back.n_ignored, back.n_masked) == (acc.n_ignored, acc.n_masked)
+    assert back.n_masked == np.count_nonzero(~mask)
+    # the copy keeps counting, with the same result as the original
+    acc.update(gt, pred)
+    back.update(gt, pred)
+    labels2, d, g, p = reference_marginals(
+        np.concatenate([pred[mask], gt.ravel()]), np.concatenate([gt[mask], pred.ravel()]), ignore_label=9
+    )
+    for x in (acc, back):
+        assert [int(v) for v in x.labels] == labels2
+        np.testing.assert_array_equal(x.diagonal, d)
+        np.testing.assert_array_equal(x.gt_counts, g)
+        np.testing.assert_array_equal(x.pred_counts, p)
+    if acc.is_dense:
+        np.testing.assert_array_equal(acc.counts, back.counts)
+
+
+def test_pickle_fixed_label_space_keeps_rejecting():
+    acc = fse.ConfusionMatrix(labels=[2, 0]).update(np.array([0, 2]), np.array([2, 2]))
+    back = pickle.loads(pickle.dumps(acc))
+    assert back.labels.tolist() == [2, 0]
+    np.testing.assert_array_equal(back.counts, [[1, 1], [0, 0]])
+    with pytest.raises(LabelError, match="pred has label 1"):
+        back.update(np.array([1]), np.array([0]))
+
+
+def test_failed_add_chunk_poisons_until_reset():
+    """A LabelError inside add_chunk leaves partial counts: every later use refuses until reset()."""
+    acc = fse.ConfusionMatrix(3)
+    acc.add_chunk(np.array([0, 1]), np.array([0, 1]))
+    with pytest.raises(LabelError) as ei:
+        acc.add_chunk(np.array([0, 1, 1, 2]), np.array([0, 1, 7, 2]))  # gt first, pred 7 at voxel 2
+    assert ei.value.role == "pred" and ei.value.value == 7 and ei.value.position == (2,)
+    for use in (
+        lambda: acc.counts,
+        lambda: acc.add_chunk(np.array([0]), np.array([0])),
+        lambda: acc.update(np.array([0]), np.array([0])),
+        lambda: acc.merge(fse.ConfusionMatrix(3)),
+        lambda: fse.ConfusionMatrix(3).merge(acc),
+    ):
+        with pytest.raises(FastSegError, match=r"reset\(\)"):
+            use()
+    acc.reset()
+    assert acc.counts.sum() == 0 and acc.n_voxels == 0
+    acc.update(np.array([2, 1]), np.array([2, 2]))
+    np.testing.assert_array_equal(acc.counts, [[0, 0, 0], [0, 0, 0], [0, 1, 1]])
+    assert acc.labels.tolist() == [0, 1, 2]
+
+
+def test_failed_add_chunk_message_names_the_position_in_the_poison_note():
+    acc = fse.ConfusionMatrix(2)
+    with pytest.raises(LabelError, match=r"voxel \(1, 2\)"):
+        acc.add_chunk(np.array([[0, 0, 0], [0, 0, 5]]), np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(FastSegError, match=r"gt has label 5 at voxel \(1, 2\)"):
+        _ = acc.counts
+
+
+def test_failed_update_leaves_counts_unchanged():
+    """update() counts into per-worker copies and merges only on success (engine contract)."""
+    acc = fse.ConfusionMatrix(3).update(np.array([0, 1, 2]), np.array([0, 1, 1]))
+    before = acc.counts
+    bad = np.zeros((4, 5, 6), dtype=np.uint8)
+    bad[3, 4, 5] = 9
+    with pytest.raises(LabelError, match=r"pred has label 9 at voxel \(3, 4, 5\)"):
+        acc.update(bad, np.zeros_like(bad), workers=2)
+    np.testing.assert_array_equal(acc.counts, before)
+    acc.update(np.array([2]), np.array([2]))
+    before[2, 2] += 1
+    np.testing.assert_array_equal(acc.counts, before)
+
+
+def test_reset_keeps_label_space_and_options():
+    acc = fse.ConfusionMatrix(labels=[5, 1], ignore_label=0).update(np.array([5, 1, 1]), np.array([5, 0, 1]))
+    assert acc.n_ignored == 1
+    acc.reset()
+    assert acc.labels.tolist() == [5, 1] and acc.n_ignored == 0 and acc.counts.sum() == 0
+    acc.update(np.array([1]), np.array([0]))
+    assert acc.n_ignored == 1
+    with pytest.raises(LabelError):
+        acc.update(np.array([3]), np.array([1]))
+
+
+def test_result_from_accumulator_equals_evaluate():
+    rng = np.random.default_rng(2)
+    gt = rng.integers(0, 4, size=(4, 5, 6)).astype(np.uint8)
+    pred = rng.integers(0, 4, size=(4, 5, 6)).astype(np.uint8)
+    acc = fse.ConfusionMatrix()
+    for i in range(4):
+        acc.update(pred[i], gt[i])
+    res = acc.result(tversky_alpha=0.3, tversky_beta=0.7)
+    ref = fse.evaluate(pred, gt, tversky_alpha=0.3, tversky_beta=0.7)
+    np.testing.assert_array_equal(res.confusion_matrix, reference_confusion(pred, gt)[0])
+    assert res.per_class == ref.per_class
+    assert res.overall == ref.overall
