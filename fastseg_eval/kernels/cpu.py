@@ -134,25 +134,10 @@ def same8(row, k):
     )  # fmt: skip
 
 
-# what happened to one voxel (or one uniform run)
-_COUNTED = 0
-_MASKED = 1
-_IGNORED = 2
-
-
 @njit(nogil=True, cache=True, inline="always")
-def _direct_one(g, p, m, w, s, has_mask, ignore, has_ignore, gt_limit, pred_limit, kcap, local):
-    """Count ``w`` voxels of pair (g, p) in sub-histogram ``s``; returns what happened."""
-    if has_mask and m == 0:
-        return _MASKED
-    if has_ignore and g == ignore:
-        return _IGNORED
-    if g >= gt_limit:
-        return -BAD_GT
-    if p >= pred_limit:
-        return -BAD_PRED
-    local[s, np.int64(g) * kcap + np.int64(p)] += w
-    return _COUNTED
+def _uniform(g_row, p_row, m_row, has_mask, k):
+    """True when gt, pred (and mask) are each constant over ``k .. k+7``."""
+    return same8(g_row, k) and same8(p_row, k) and (not has_mask or same8(m_row, k))
 
 
 @njit(nogil=True, cache=True)
@@ -164,12 +149,11 @@ def count_direct(gt, pred, mask, has_mask, ignore, has_ignore, gt_limit, pred_li
     Returns ``OK`` or ``BAD_GT`` / ``BAD_PRED`` with ``state[POS]`` and ``state[VALUE]`` set.
     """
     n0, n1, n2 = gt.shape
-    nsub = local.shape[0]
-    smask = nsub - 1
+    smask = local.shape[0] - 1
     nignored = 0
     nmasked = 0
     since = np.int64(0)
-    r = 0
+    status = OK
     for i in range(n0):
         for j in range(n1):
             g_row = gt[i, j]
@@ -179,71 +163,87 @@ def count_direct(gt, pred, mask, has_mask, ignore, has_ignore, gt_limit, pred_li
                 k1 = min(k0 + BLOCK, n2)
                 k = k0
                 while k < k1:
-                    if (
-                        k + RUN <= k1
-                        and same8(g_row, k)
-                        and same8(p_row, k)
-                        and (not has_mask or same8(m_row, k))
-                    ):
+                    if k + RUN <= k1 and _uniform(g_row, p_row, m_row, has_mask, k):
                         w = RUN
+                        end = k + 1
                     else:
                         w = 1
-                    r = _direct_one(
-                        np.uint64(g_row[k]), np.uint64(p_row[k]), m_row[k] if has_mask else 1, w, k & smask,
-                        has_mask, ignore, has_ignore, gt_limit, pred_limit, kcap, local,
-                    )  # fmt: skip
-                    if r == _MASKED:
-                        nmasked += w
-                    elif r == _IGNORED:
-                        nignored += w
-                    elif r < 0:
-                        state[POS] = (i * n1 + j) * n2 + k
-                        state[VALUE] = np.int64(np.uint64(g_row[k]) if r == -BAD_GT else np.uint64(p_row[k]))
+                        end = min(k + RUN, k1)
+                    for kk in range(k, end):
+                        if has_mask and m_row[kk] == 0:
+                            nmasked += w
+                            continue
+                        g = np.uint64(g_row[kk])
+                        if has_ignore and g == ignore:
+                            nignored += w
+                            continue
+                        p = np.uint64(p_row[kk])
+                        if g >= gt_limit or p >= pred_limit:
+                            status = BAD_GT if g >= gt_limit else BAD_PRED
+                            state[POS] = (i * n1 + j) * n2 + kk
+                            state[VALUE] = np.int64(g if status == BAD_GT else p)
+                            break
+                        local[kk & smask, np.int64(g) * kcap + np.int64(p)] += w
+                    if status != OK:
                         break
-                    k += w
-                if r < 0:
+                    k = end if w == 1 else k + RUN
+                if status != OK:
                     break
                 since += k1 - k0
                 if since >= FLUSH_AT:
                     flush(local, acc, kcap, kcap, True)
                     since = 0
-            if r < 0:
+            if status != OK:
                 break
-        if r < 0:
+        if status != OK:
             break
     flush(local, acc, kcap, kcap, True)
     state[NIGNORED] += nignored
     state[NMASKED] += nmasked
-    return -r if r < 0 else OK
+    return status
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _resolve(v, signed_from, fixed, lut, hkeys, hvals, labels, state, cache, slot):
-    """Index of label value ``v``, assigning one in discovery mode; a negative status on failure.
+def _index(v, lut, hkeys, hvals, cache, slot):
+    """Index of label value ``v`` (-1 if unknown): the LUT below LUT_SIZE, else the hash table.
 
-    ``cache[slot]`` / ``cache[slot + 1]`` remember the last value and its index (indices never
-    change once assigned, and unknown values are never cached).
+    ``cache[slot]`` / ``cache[slot + 1]`` remember the last large value found and its index
+    (indices never change once assigned; unknown values are never cached).
     """
-    if np.uint64(cache[slot]) == v and cache[slot + 1] >= 0:
+    if v < _LUT_SIZE_U:
+        return np.int64(lut[v])
+    if np.uint64(cache[slot]) == v and cache[slot + 1] >= 0:  # -1 (empty) also reads as 2**64-1
         return cache[slot + 1]
     idx = lookup_label(v, lut, hkeys, hvals)
-    if idx < 0:
-        if fixed or (signed_from != 0 and v >= signed_from):
-            return np.int64(-BAD_GT)  # the caller tells gt from pred
-        nlab = state[NLAB]
-        if nlab >= labels.shape[0]:
-            return np.int64(-GROW_LABELS)
-        if v >= _LUT_SIZE_U:
-            if 2 * (state[HCOUNT] + 1) > hkeys.shape[0]:
-                return np.int64(-GROW_HASH)
-            state[HCOUNT] += 1
-        labels[nlab] = v
-        insert_label(v, nlab, lut, hkeys, hvals)
-        state[NLAB] = nlab + 1
-        idx = nlab
-    cache[slot] = np.int64(v)
-    cache[slot + 1] = idx
+    if idx >= 0:
+        cache[slot] = np.int64(v)
+        cache[slot + 1] = idx
     return idx
+
+
+@njit(nogil=True, cache=True)
+def _assign(v, signed_from, fixed, lut, hkeys, hvals, labels, state):
+    """Give unknown label value ``v`` the next index (discovery), or a negative status.
+
+    ``-BAD_GT`` (the caller tells gt from pred) when ``v`` may not be a label, ``-GROW_LABELS``
+    / ``-GROW_HASH`` when a table is full.
+    """
+    idx = lookup_label(v, lut, hkeys, hvals)
+    if idx >= 0:
+        return idx
+    if fixed or (signed_from != 0 and v >= signed_from):
+        return np.int64(-BAD_GT)
+    nlab = state[NLAB]
+    if nlab >= labels.shape[0]:
+        return np.int64(-GROW_LABELS)
+    if v >= _LUT_SIZE_U:
+        if 2 * (state[HCOUNT] + 1) > hkeys.shape[0]:
+            return np.int64(-GROW_HASH)
+        state[HCOUNT] += 1
+    labels[nlab] = v
+    insert_label(v, nlab, lut, hkeys, hvals)
+    state[NLAB] = nlab + 1
+    return nlab
 
 
 @njit(nogil=True, cache=True)
@@ -263,8 +263,7 @@ def count_mapped(
     ``acc``): the caller grows the tables and calls again with ``start = state[POS]``.
     """
     n0, n1, n2 = gt.shape
-    nsub = local.shape[0]
-    smask = nsub - 1
+    smask = local.shape[0] - 1
     kcap = labels.shape[0]
     nignored = 0
     nmasked = 0
@@ -285,46 +284,48 @@ def count_mapped(
                 k1 = min(k0 + BLOCK, n2)
                 k = k0
                 while k < k1:
-                    if (
-                        k + RUN <= k1
-                        and same8(g_row, k)
-                        and same8(p_row, k)
-                        and (not has_mask or same8(m_row, k))
-                    ):
+                    if k + RUN <= k1 and _uniform(g_row, p_row, m_row, has_mask, k):
                         w = RUN
+                        end = k + 1
                     else:
                         w = 1
-                    if has_mask and m_row[k] == 0:
-                        nmasked += w
-                        k += w
-                        continue
-                    g = np.uint64(g_row[k])
-                    if has_ignore and g == ignore:
-                        nignored += w
-                        k += w
-                        continue
-                    ig = _resolve(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state, cache, 0)
-                    if ig < 0:
-                        status = -ig
-                        state[VALUE] = np.int64(g)
-                        state[POS] = (i * n1 + j) * n2 + k
+                        end = min(k + RUN, k1)
+                    for kk in range(k, end):
+                        if has_mask and m_row[kk] == 0:
+                            nmasked += w
+                            continue
+                        g = np.uint64(g_row[kk])
+                        if has_ignore and g == ignore:
+                            nignored += w
+                            continue
+                        ig = _index(g, lut, hkeys, hvals, cache, 0)
+                        if ig < 0:
+                            ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
+                            if ig < 0:
+                                status = -ig
+                                state[VALUE] = np.int64(g)
+                                state[POS] = (i * n1 + j) * n2 + kk
+                                break
+                        p = np.uint64(p_row[kk])
+                        ip = _index(p, lut, hkeys, hvals, cache, 2)
+                        if ip < 0:
+                            ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
+                            if ip < 0:
+                                status = BAD_PRED if ip == -BAD_GT else -ip
+                                state[VALUE] = np.int64(p)
+                                state[POS] = (i * n1 + j) * n2 + kk
+                                break
+                        s = kk & smask
+                        if dense:
+                            local[s, ig * kcap + ip] += w
+                        else:
+                            local[s, ig] += w
+                            local[s, kcap + ip] += w
+                            if ig == ip:
+                                local[s, 2 * kcap + ig] += w
+                    if status != OK:
                         break
-                    p = np.uint64(p_row[k])
-                    ip = _resolve(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state, cache, 2)
-                    if ip < 0:
-                        status = BAD_PRED if ip == -BAD_GT else -ip
-                        state[VALUE] = np.int64(p)
-                        state[POS] = (i * n1 + j) * n2 + k
-                        break
-                    s = k & smask
-                    if dense:
-                        local[s, ig * kcap + ip] += w
-                    else:
-                        local[s, ig] += w
-                        local[s, kcap + ip] += w
-                        if ig == ip:
-                            local[s, 2 * kcap + ig] += w
-                    k += w
+                    k = end if w == 1 else k + RUN
                 if status != OK:
                     break
                 since += k1 - k0
