@@ -5,7 +5,7 @@ run: ``evaluate(threshold=0.5)`` versus ``evaluate(threshold=0.5, thresholds=100
 target is that the sweep adds at most 2x to the end-to-end time (ratio in ``extra_info``).
 
 Size: 512^3 by default; ``FASTSEG_BENCH_SIZE=small`` uses 256^3. The pair is written once to
-``$FASTSEG_BENCH_DATA`` (default ``.bench-data/`` in the repository) and reused.
+``$FASTSEG_BENCH_DATA`` (default ``bench-data/`` in the repository) and reused.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _times: dict[str, float] = {}
 
 
 def _data_dir() -> Path:
-    d = Path(os.environ.get("FASTSEG_BENCH_DATA", Path(__file__).resolve().parent.parent / ".bench-data"))
+    d = Path(os.environ.get("FASTSEG_BENCH_DATA", Path(__file__).resolve().parent.parent / "bench-data"))
     d.mkdir(parents=True, exist_ok=True)
     return d
 
