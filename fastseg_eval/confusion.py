@@ -28,12 +28,6 @@ DENSE_MAX = 1024
 """Largest label count kept as a dense K x K table; beyond it the accumulator keeps 3 x K counts."""
 
 _INITIAL_KCAP = 16
-_SUB_HISTOGRAMS = 4  # interleaved uint32 sub-histograms per table (see kernels.cpu)
-
-
-def _nsub(width: int) -> int:
-    """Sub-histogram copies worth keeping for a table row of ``width`` counters."""
-    return _SUB_HISTOGRAMS if width <= (1 << 17) else 1
 
 
 def label_view(a: np.ndarray, role: str) -> tuple[np.ndarray, int]:
@@ -185,9 +179,7 @@ class ConfusionMatrix:
         self._keys = (
             np.zeros(kcap, dtype=np.uint64) if not hasattr(self, "_keys") else _resized(self._keys, kcap)
         )
-        width = kcap * kcap if dense else 3 * kcap
-        self._acc = np.zeros(width, dtype=np.int64)
-        self._local = np.zeros((_nsub(width), width), dtype=np.uint32)
+        self._acc = np.zeros(kcap * kcap if dense else 3 * kcap, dtype=np.int64)
 
     def _grow_labels(self, need: int) -> None:
         """Make room for at least ``need`` labels, switching to marginals past ``dense_max``."""
@@ -372,7 +364,7 @@ class ConfusionMatrix:
             pl = min(k, p_signed) if p_signed else k
             status = cpu.count_direct(
                 g3, p3, m3, has_mask, np.uint64(ignore), has_ignore, np.uint64(gl), np.uint64(pl),
-                k, self._local, self._acc, state,
+                k, self._acc, state,
             )  # fmt: skip
         else:
             start = 0
@@ -380,7 +372,7 @@ class ConfusionMatrix:
                 status = cpu.count_mapped(
                     g3, p3, m3, has_mask, np.uint64(ignore), has_ignore, np.uint64(g_signed),
                     np.uint64(p_signed), self._fixed, self._dense, self._lut, self._hkeys, self._hvals,
-                    self._keys, self._local, self._acc, state, start,
+                    self._keys, self._acc, state, start,
                 )  # fmt: skip
                 if status == cpu.GROW_LABELS:
                     self._grow_labels(self._kcap + 1)

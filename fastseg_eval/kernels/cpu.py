@@ -1,32 +1,28 @@
 """CPU counting kernels (numba ``njit(nogil=True, cache=True)``).
 
 Every kernel here takes one 3-D chunk of ground truth and prediction (``gt`` first: rows of the
-confusion matrix are ground truth) and *adds* into count tables that the caller owns. Kernels
-validate nothing beyond what they must to stay memory safe, allocate nothing, and never raise:
-they stop and return a status code that :mod:`fastseg_eval.confusion` turns into an error or
-acts on (growing a table and resuming where the kernel stopped).
+confusion matrix are ground truth) and *adds* into an int64 count table that the caller owns.
+Kernels validate nothing beyond what they must to stay memory safe, allocate nothing, and never
+raise: they stop and return a status code that :mod:`fastseg_eval.confusion` turns into an error
+or acts on (growing a table and resuming where the kernel stopped).
 
 Label values arrive as unsigned integers: signed inputs are passed as unsigned views of the
 same width (no copy) together with the unsigned value from which they are negative, and bool
 inputs as ``uint8`` views.
 
-Count tables
-------------
-``local`` (uint32, shape ``(nsub, width)``) holds ``nsub`` interleaved sub-histograms: voxel
-``k`` of a row lands in copy ``k % nsub``, so runs of one dominant class (background) do not
-serialise on a single counter. ``local`` is flushed into ``acc`` (int64, shape ``(width,)``)
-before any copy can reach 2**32 and before every return. Layouts of one table row:
-
-* dense: ``width = kcap * kcap``; pair (gt index a, pred index b) at ``a * kcap + b``;
-* marginals: ``width = 3 * kcap``; ``[0:kcap]`` gt counts (row sums), ``[kcap:2kcap]`` pred
+Count table layouts (``acc``, int64, 1-D)
+-----------------------------------------
+* dense: ``kcap * kcap`` counts; pair (gt index a, pred index b) at ``a * kcap + b``;
+* marginals: ``3 * kcap`` counts; ``[0:kcap]`` gt counts (row sums), ``[kcap:2kcap]`` pred
   counts (column sums), ``[2kcap:3kcap]`` the diagonal (TP).
 
-Uniform runs
-------------
-Segmentations are mostly large uniform regions. Rows are walked in runs of ``RUN`` voxels: when
-gt, pred (and mask) are each constant over a run, the run is resolved once and counted with one
-add of ``RUN``; otherwise its voxels are counted one by one. This is exact for any data and
-several times faster on real label volumes than counting voxel by voxel.
+How counting is fast
+--------------------
+Segmentations are mostly large uniform regions, dominated by one class. Rows are walked in
+blocks of ``RUN`` voxels: when gt, pred (and mask) are each constant over a block, the block is
+resolved once. Equal consecutive pairs (whole blocks or single voxels) accumulate in a register
+(a run) that is added to the table only when the pair changes, so the dominant pair never
+serialises on one memory counter. Both are exact for any data.
 """
 
 from __future__ import annotations
@@ -39,6 +35,7 @@ _LUT_SIZE_U = np.uint64(LUT_SIZE)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _SHIFT = np.uint64(29)
 _ONE_U = np.uint64(1)
+RUN = 8  # voxels compared at once
 
 # kernel status codes
 OK = 0
@@ -55,10 +52,6 @@ NMASKED = 3  # voxels skipped because mask == 0
 POS = 4  # C-order position in the chunk where the kernel stopped (status != OK)
 VALUE = 5  # offending value bits (status BAD_GT / BAD_PRED)
 STATE_SIZE = 8
-
-BLOCK = 1 << 16  # voxels of a row counted between overflow checks
-RUN = 8  # voxels compared at once: a run of 8 equal (gt, pred[, mask]) triples counts in one add
-FLUSH_AT = np.int64(1) << np.int64(31)  # flush local uint32 tables before a copy can overflow
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -100,34 +93,9 @@ def insert_label(key, index, lut, hkeys, hvals):
     hvals[h] = index
 
 
-@njit(nogil=True, cache=True)
-def flush(local, acc, nlab, kcap, dense):
-    """Add the used part of every sub-histogram into ``acc`` (int64) and zero it."""
-    nsub = local.shape[0]
-    if dense:
-        for s in range(nsub):
-            for a in range(nlab):
-                row = a * kcap
-                for b in range(nlab):
-                    c = local[s, row + b]
-                    if c:
-                        acc[row + b] += c
-                        local[s, row + b] = 0
-    else:
-        for s in range(nsub):
-            for part in range(3):
-                off = part * kcap
-                for a in range(nlab):
-                    c = local[s, off + a]
-                    if c:
-                        acc[off + a] += c
-                        local[s, off + a] = 0
-
-
 @njit(nogil=True, cache=True, inline="always")
-def same8(row, k):
-    """True when ``row[k:k+8]`` holds one value (the caller guarantees 8 elements)."""
-    v = row[k]
+def same7(row, k, v):
+    """True when ``row[k+1:k+8]`` all equal ``v`` (no short circuit: one branch for the block)."""
     return (
         (row[k + 1] == v) & (row[k + 2] == v) & (row[k + 3] == v) & (row[k + 4] == v)
         & (row[k + 5] == v) & (row[k + 6] == v) & (row[k + 7] == v)
@@ -135,72 +103,122 @@ def same8(row, k):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _uniform(g_row, p_row, m_row, has_mask, k):
-    """True when gt, pred (and mask) are each constant over ``k .. k+7``."""
-    return same8(g_row, k) and same8(p_row, k) and (not has_mask or same8(m_row, k))
+def _add_pair(acc, dense, kcap, a, b, w):
+    """Add ``w`` voxels of gt index ``a`` predicted as ``b`` into table ``acc``."""
+    if w == 0:
+        return
+    if dense:
+        acc[a * kcap + b] += w
+    else:
+        acc[a] += w
+        acc[kcap + b] += w
+        if a == b:
+            acc[2 * kcap + a] += w
 
 
 @njit(nogil=True, cache=True)
-def count_direct(gt, pred, mask, has_mask, ignore, has_ignore, gt_limit, pred_limit, kcap, local, acc, state):
+def count_direct(gt, pred, mask, has_mask, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, state):
     """Count pairs of a chunk whose labels are ``0..K-1`` used directly as indices (dense table).
 
     ``gt_limit`` / ``pred_limit`` are the smallest invalid unsigned values (K, or 2**(bits-1) for
     signed inputs when that is smaller, so that negative values fail the same test).
     Returns ``OK`` or ``BAD_GT`` / ``BAD_PRED`` with ``state[POS]`` and ``state[VALUE]`` set.
+
+    The per-voxel step is written out twice (non-uniform blocks, row tail): numba does not keep
+    this loop as fast through a helper that returns the run register.
     """
     n0, n1, n2 = gt.shape
-    smask = local.shape[0] - 1
+    run_idx = 0
+    run_w = 0
     nignored = 0
     nmasked = 0
-    since = np.int64(0)
-    status = OK
+    bad = -1
     for i in range(n0):
         for j in range(n1):
             g_row = gt[i, j]
             p_row = pred[i, j]
             m_row = mask[i, j] if has_mask else mask[0, 0]
-            for k0 in range(0, n2, BLOCK):
-                k1 = min(k0 + BLOCK, n2)
-                k = k0
-                while k < k1:
-                    if k + RUN <= k1 and _uniform(g_row, p_row, m_row, has_mask, k):
-                        w = RUN
-                        end = k + 1
+            k = 0
+            while k + RUN <= n2:
+                g0 = g_row[k]
+                p0 = p_row[k]
+                uniform = same7(g_row, k, g0) & same7(p_row, k, p0)
+                if has_mask:
+                    uniform = uniform & same7(m_row, k, m_row[k])
+                if uniform:
+                    g = np.uint64(g0)
+                    p = np.uint64(p0)
+                    if has_mask and m_row[k] == 0:
+                        nmasked += RUN
+                    elif has_ignore and g == ignore:
+                        nignored += RUN
+                    elif g >= gt_limit or p >= pred_limit:
+                        bad = k
+                        break
                     else:
-                        w = 1
-                        end = min(k + RUN, k1)
-                    for kk in range(k, end):
+                        idx = np.int64(g) * kcap + np.int64(p)
+                        if idx == run_idx:
+                            run_w += RUN
+                        else:
+                            acc[run_idx] += run_w
+                            run_idx = idx
+                            run_w = RUN
+                else:
+                    for kk in range(k, k + RUN):
                         if has_mask and m_row[kk] == 0:
-                            nmasked += w
+                            nmasked += 1
                             continue
                         g = np.uint64(g_row[kk])
                         if has_ignore and g == ignore:
-                            nignored += w
+                            nignored += 1
                             continue
                         p = np.uint64(p_row[kk])
                         if g >= gt_limit or p >= pred_limit:
-                            status = BAD_GT if g >= gt_limit else BAD_PRED
-                            state[POS] = (i * n1 + j) * n2 + kk
-                            state[VALUE] = np.int64(g if status == BAD_GT else p)
+                            bad = kk
                             break
-                        local[kk & smask, np.int64(g) * kcap + np.int64(p)] += w
-                    if status != OK:
+                        idx = np.int64(g) * kcap + np.int64(p)
+                        if idx == run_idx:
+                            run_w += 1
+                        else:
+                            acc[run_idx] += run_w
+                            run_idx = idx
+                            run_w = 1
+                    if bad >= 0:
                         break
-                    k = end if w == 1 else k + RUN
-                if status != OK:
-                    break
-                since += k1 - k0
-                if since >= FLUSH_AT:
-                    flush(local, acc, kcap, kcap, True)
-                    since = 0
-            if status != OK:
-                break
-        if status != OK:
-            break
-    flush(local, acc, kcap, kcap, True)
+                k += RUN
+            if bad < 0:
+                for kk in range(k, n2):
+                    if has_mask and m_row[kk] == 0:
+                        nmasked += 1
+                        continue
+                    g = np.uint64(g_row[kk])
+                    if has_ignore and g == ignore:
+                        nignored += 1
+                        continue
+                    p = np.uint64(p_row[kk])
+                    if g >= gt_limit or p >= pred_limit:
+                        bad = kk
+                        break
+                    idx = np.int64(g) * kcap + np.int64(p)
+                    if idx == run_idx:
+                        run_w += 1
+                    else:
+                        acc[run_idx] += run_w
+                        run_idx = idx
+                        run_w = 1
+            if bad >= 0:
+                g = np.uint64(g_row[bad])
+                p = np.uint64(p_row[bad])
+                acc[run_idx] += run_w
+                state[NIGNORED] += nignored
+                state[NMASKED] += nmasked
+                state[POS] = (i * n1 + j) * n2 + bad
+                state[VALUE] = np.int64(g if g >= gt_limit else p)
+                return BAD_GT if g >= gt_limit else BAD_PRED
+    acc[run_idx] += run_w
     state[NIGNORED] += nignored
     state[NMASKED] += nmasked
-    return status
+    return OK
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -223,7 +241,7 @@ def _index(v, lut, hkeys, hvals, cache, slot):
 
 @njit(nogil=True, cache=True)
 def _assign(v, signed_from, fixed, lut, hkeys, hvals, labels, state):
-    """Give unknown label value ``v`` the next index (discovery), or a negative status.
+    """Index of label value ``v``, giving it the next free one in discovery; or a negative status.
 
     ``-BAD_GT`` (the caller tells gt from pred) when ``v`` may not be a label, ``-GROW_LABELS``
     / ``-GROW_HASH`` when a table is full.
@@ -249,7 +267,7 @@ def _assign(v, signed_from, fixed, lut, hkeys, hvals, labels, state):
 @njit(nogil=True, cache=True)
 def count_mapped(
     gt, pred, mask, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, dense,
-    lut, hkeys, hvals, labels, local, acc, state, start,
+    lut, hkeys, hvals, labels, acc, state, start,
 ):  # fmt: skip
     """Count pairs of a chunk through a label map (value -> index), discovering labels if allowed.
 
@@ -258,16 +276,17 @@ def count_mapped(
     the next free index (``labels[index] = value``). ``gt_signed_from`` / ``pred_signed_from``
     are the unsigned values from which a signed input is negative (0: unsigned input).
 
-    Counting starts at C-order position ``start`` of the chunk. On ``GROW_LABELS`` /
-    ``GROW_HASH`` every voxel before ``state[POS]`` has been counted (and flushed into
-    ``acc``): the caller grows the tables and calls again with ``start = state[POS]``.
+    Counting starts at C-order position ``start`` of the chunk. On any status but ``OK`` every
+    voxel before ``state[POS]`` has been counted: on ``GROW_LABELS`` / ``GROW_HASH`` the caller
+    grows the tables and calls again with ``start = state[POS]``.
     """
     n0, n1, n2 = gt.shape
-    smask = local.shape[0] - 1
     kcap = labels.shape[0]
+    run_g = 0
+    run_p = 0
+    run_w = 0
     nignored = 0
     nmasked = 0
-    since = np.int64(0)
     status = OK
     plane = n1 * n2
     i0 = start // plane
@@ -279,64 +298,53 @@ def count_mapped(
             g_row = gt[i, j]
             p_row = pred[i, j]
             m_row = mask[i, j] if has_mask else mask[0, 0]
-            first_k = kstart if (i == i0 and j == j0) else 0
-            for k0 in range(first_k, n2, BLOCK):
-                k1 = min(k0 + BLOCK, n2)
-                k = k0
-                while k < k1:
-                    if k + RUN <= k1 and _uniform(g_row, p_row, m_row, has_mask, k):
+            k = kstart if (i == i0 and j == j0) else 0
+            while k < n2:
+                w = 1
+                stop = min(k + RUN, n2)
+                if k + RUN <= n2:
+                    uniform = same7(g_row, k, g_row[k]) & same7(p_row, k, p_row[k])
+                    if has_mask:
+                        uniform = uniform & same7(m_row, k, m_row[k])
+                    if uniform:
                         w = RUN
-                        end = k + 1
-                    else:
-                        w = 1
-                        end = min(k + RUN, k1)
-                    for kk in range(k, end):
-                        if has_mask and m_row[kk] == 0:
-                            nmasked += w
-                            continue
-                        g = np.uint64(g_row[kk])
-                        if has_ignore and g == ignore:
-                            nignored += w
-                            continue
-                        ig = _index(g, lut, hkeys, hvals, cache, 0)
+                        stop = k + 1
+                for kk in range(k, stop):
+                    if has_mask and m_row[kk] == 0:
+                        nmasked += w
+                        continue
+                    g = np.uint64(g_row[kk])
+                    if has_ignore and g == ignore:
+                        nignored += w
+                        continue
+                    ig = _index(g, lut, hkeys, hvals, cache, 0)
+                    if ig < 0:
+                        ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
                         if ig < 0:
-                            ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
-                            if ig < 0:
-                                status = -ig
-                                state[VALUE] = np.int64(g)
-                                state[POS] = (i * n1 + j) * n2 + kk
-                                break
-                        p = np.uint64(p_row[kk])
-                        ip = _index(p, lut, hkeys, hvals, cache, 2)
+                            status = -ig
+                            state[VALUE] = np.int64(g)
+                    p = np.uint64(p_row[kk])
+                    ip = _index(p, lut, hkeys, hvals, cache, 2) if status == OK else np.int64(0)
+                    if ip < 0:
+                        ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
                         if ip < 0:
-                            ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
-                            if ip < 0:
-                                status = BAD_PRED if ip == -BAD_GT else -ip
-                                state[VALUE] = np.int64(p)
-                                state[POS] = (i * n1 + j) * n2 + kk
-                                break
-                        s = kk & smask
-                        if dense:
-                            local[s, ig * kcap + ip] += w
-                        else:
-                            local[s, ig] += w
-                            local[s, kcap + ip] += w
-                            if ig == ip:
-                                local[s, 2 * kcap + ig] += w
+                            status = BAD_PRED if ip == -BAD_GT else -ip
+                            state[VALUE] = np.int64(p)
                     if status != OK:
-                        break
-                    k = end if w == 1 else k + RUN
-                if status != OK:
-                    break
-                since += k1 - k0
-                if since >= FLUSH_AT:
-                    flush(local, acc, state[NLAB], kcap, dense)
-                    since = 0
-            if status != OK:
-                break
-        if status != OK:
-            break
-    flush(local, acc, state[NLAB], kcap, dense)
+                        _add_pair(acc, dense, kcap, run_g, run_p, run_w)
+                        state[POS] = (i * n1 + j) * n2 + kk
+                        state[NIGNORED] += nignored
+                        state[NMASKED] += nmasked
+                        return status
+                    if ig == run_g and ip == run_p:
+                        run_w += w
+                    else:
+                        _add_pair(acc, dense, kcap, run_g, run_p, run_w)
+                        run_g = ig
+                        run_p = ip
+                        run_w = w
+                k = stop if w == 1 else k + RUN
+    _add_pair(acc, dense, kcap, run_g, run_p, run_w)
     state[NIGNORED] += nignored
     state[NMASKED] += nmasked
     return status
