@@ -141,58 +141,67 @@ class _ChunkCache:
     def __init__(self, vol: Volume, uses: Callable[[tuple[int, ...]], int], budget: int):
         self.vol, self.uses_of, self.budget = vol, uses, budget
         self.lock = threading.Lock()
-        self.left: dict[tuple[int, ...], int] = {}
+        self.left: dict[tuple[int, ...], int] = {}  # uses not yet asked for
         self.data: dict[tuple[int, ...], np.ndarray] = {}
-        self.pending: dict[tuple[int, ...], list[Any]] = {}  # idx -> [event, waiters]
+        self.pending: dict[tuple[int, ...], threading.Event] = {}  # being decoded by a thread
+        self.waiting: dict[tuple[int, ...], int] = {}  # threads waiting for that decode
         self.nbytes = 0
         self.decodes = 0
 
+    def _release(self, idx: tuple[int, ...]) -> None:
+        """Drop a kept chunk once no use is left and nobody waits for it (lock held)."""
+        if self.left[idx] == 0 and not self.waiting.get(idx):
+            arr = self.data.pop(idx, None)
+            if arr is not None:
+                self.nbytes -= arr.nbytes
+            del self.left[idx]
+            self.waiting.pop(idx, None)
+
+    def _read(self, region: tuple[slice, ...]) -> np.ndarray:
+        arr = self.vol.read(region)
+        with self.lock:
+            self.decodes += 1
+        return arr
+
     def get(self, idx: tuple[int, ...], region: tuple[slice, ...]) -> np.ndarray:
         with self.lock:
-            left = self.left[idx] = self.left.get(idx, self.uses_of(idx)) - 1
+            self.left[idx] = self.left.get(idx, self.uses_of(idx)) - 1
             arr = self.data.get(idx)
             if arr is not None:
-                if left == 0:
-                    del self.data[idx], self.left[idx]
-                    self.nbytes -= arr.nbytes
+                self._release(idx)
                 return arr
-            rec = self.pending.get(idx)
-            if rec is None:
-                rec = self.pending[idx] = [threading.Event(), 0]
-                owner = True
+            event = self.pending.get(idx)
+            owner = event is None
+            if owner:
+                event = self.pending[idx] = threading.Event()
             else:
-                rec[1] += 1
-                owner = False
+                self.waiting[idx] = self.waiting.get(idx, 0) + 1
         if owner:
             try:
-                arr = self.vol.read(region)
+                arr = self._read(region)
             except BaseException:
                 with self.lock:
                     del self.pending[idx]
-                rec[0].set()
+                event.set()
                 raise
             with self.lock:
-                self.decodes += 1
                 del self.pending[idx]
-                keep = rec[1] > 0 or (self.left[idx] > 0 and self.nbytes + arr.nbytes <= self.budget)
-                if keep:
+                wanted = self.waiting.get(idx, 0) > 0 or self.left[idx] > 0
+                if wanted and (self.waiting.get(idx, 0) > 0 or self.nbytes + arr.nbytes <= self.budget):
                     self.data[idx] = arr
                     self.nbytes += arr.nbytes
                 elif self.left[idx] == 0:
-                    del self.left[idx]
-            rec[0].set()
+                    self._release(idx)
+            event.set()
             return arr
-        rec[0].wait()
+        event.wait()
         with self.lock:
-            rec[1] -= 1
+            self.waiting[idx] -= 1
             arr = self.data.get(idx)
-            if arr is not None and self.left[idx] == 0 and rec[1] == 0:
-                del self.data[idx], self.left[idx]
-                self.nbytes -= arr.nbytes
-        if arr is None:  # the owner failed or could not keep it
-            arr = self.vol.read(region)
-            with self.lock:
-                self.decodes += 1
+            if arr is not None:
+                self._release(idx)
+        if arr is None:  # the owner failed, or could not keep it for lack of budget
+            arr = self._read(region)
         return arr
 
 
