@@ -168,6 +168,7 @@ class ConfusionMatrix:
         self._hkeys = np.zeros(0, dtype=np.uint64)
         self._hvals = np.zeros(0, dtype=np.int32)
         self._state = np.zeros(cpu.STATE_SIZE, dtype=np.int64)
+        self._raw8: np.ndarray | None = None  # discovery on 8-bit inputs: counts by raw value
         self._alloc(kcap, dense)
         if fixed is not None:
             self._add_keys(np.asarray(fixed, dtype=np.uint64))
@@ -270,29 +271,21 @@ class ConfusionMatrix:
             pred = self._labels_from_probabilities(gt, pred, mask, offset)
         if gt.shape != pred.shape:
             raise InputError(f"gt chunk shape {gt.shape} differs from pred chunk shape {pred.shape}")
+        if gt.size == 0:
+            return
         gv, g_signed = label_view(gt, "gt")
         pv, p_signed = label_view(pred, "pred")
-        ignore, has_ignore = _ignore_bits(self.ignore_label, gt.dtype)
-        g_pieces = as_3d(gv)
-        if mask is None:
-            m_pieces = [((), _NO_MASK)] * len(g_pieces)
-        else:
-            m_pieces = as_3d(_mask_view(mask))
-        pieces = zip(g_pieces, as_3d(pv), m_pieces)
-        for (lead, g3), (_, p3), (_, m3) in pieces:
-            try:
-                self._count3(g3, p3, m3, mask is not None, ignore, has_ignore, g_signed, p_signed, gt, pred)
-            except LabelError as e:
-                pos = e.position
-                if pos is not None:
-                    inner = pos[3 - min(gt.ndim, 3) :] if gt.ndim < 3 else pos
-                    full = tuple(lead) + tuple(inner)
-                    if offset is not None:
-                        full = tuple(int(a) + int(b) for a, b in zip(offset, full))
-                    e.position = full
-                    e.args = (_label_message(e.role, e.value, full, self),)
-                self._poisoned = str(e)
-                raise
+        mv = None if mask is None else _mask_view(mask)
+        try:
+            self._count(gv, pv, mv, g_signed, p_signed, _ignore_bits(self.ignore_label, gt.dtype), gt, pred)
+        except LabelError as e:
+            full = e.position
+            if offset is not None and full is not None:
+                full = tuple(int(a) + int(b) for a, b in zip(offset, full))
+            e.position = full
+            e.args = (_label_message(e.role, e.value, full, self),)
+            self._poisoned = str(e)
+            raise
 
     def _labels_from_probabilities(
         self, gt: np.ndarray, prob: np.ndarray, mask: np.ndarray | None, offset: Any
@@ -354,25 +347,51 @@ class ConfusionMatrix:
                 raise LabelError(msg, role="pred", value=value, position=full)
         return out
 
-    def _count3(self, g3, p3, m3, has_mask, ignore, has_ignore, g_signed, p_signed, gt, pred) -> None:
-        if g3.size == 0:
-            return
+    def _count(self, gv, pv, mv, g_signed, p_signed, ignore_bits, gt, pred) -> None:
+        """Dispatch one chunk (unsigned views) to a kernel; raises LabelError with the chunk position.
+
+        * labels ``0..K-1`` (``direct``), or discovery on 8-bit inputs (counted by raw value into a
+          256 x 256 table, folded into the label space when read): the direct kernel, on flat
+          64-bit words when the chunk is contiguous with 1- or 2-byte labels;
+        * otherwise the mapped kernel (lookup table / hash, discovery, marginals).
+        """
+        ignore, has_ignore = np.uint64(ignore_bits[0]), ignore_bits[1]
+        has_mask = mv is not None
         state = self._state
-        if self._direct:
-            k = self._kcap
-            gl = min(k, g_signed) if g_signed else k
-            pl = min(k, p_signed) if p_signed else k
-            status = cpu.count_direct(
-                g3, p3, m3, has_mask, np.uint64(ignore), has_ignore, np.uint64(gl), np.uint64(pl),
-                k, self._acc, state,
-            )  # fmt: skip
-        else:
+        raw = not self._fixed and gv.itemsize == 1 and pv.itemsize == 1
+        if self._direct or raw:
+            if raw:
+                if self._raw8 is None:
+                    self._raw8 = np.zeros(256 * 256, dtype=np.int64)
+                k, acc = 256, self._raw8
+            else:
+                k, acc = self._kcap, self._acc
+            gl = np.uint64(min(k, g_signed) if g_signed else k)
+            pl = np.uint64(min(k, p_signed) if p_signed else k)
+            if _flat_ok(gv, pv, mv):
+                g1, p1 = gv.reshape(-1), pv.reshape(-1)
+                m1 = _NO_MASK.reshape(-1) if mv is None else mv.reshape(-1)
+                nwords = (g1.size * g1.itemsize) // 8 // g1.itemsize * g1.itemsize
+                status = cpu.count_direct_flat(
+                    g1, p1, m1, _words(g1, nwords), _words(p1, nwords),
+                    _NO_WORDS if mv is None else _words(m1, nwords // g1.itemsize),
+                    has_mask, ignore, has_ignore, gl, pl, k, acc, state,
+                )  # fmt: skip
+                if status != cpu.OK:
+                    self._raise_bad(status, np.unravel_index(int(state[cpu.POS]), gv.shape), gt, pred)
+                return
+            for (lead, g3), (_, p3), (_, m3) in _pieces(gv, pv, mv):
+                status = cpu.count_direct(g3, p3, m3, has_mask, ignore, has_ignore, gl, pl, k, acc, state)
+                if status != cpu.OK:
+                    self._raise_bad(status, _piece_position(lead, g3, state, gv.ndim), gt, pred)
+            return
+        for (lead, g3), (_, p3), (_, m3) in _pieces(gv, pv, mv):
             start = 0
             while True:
                 status = cpu.count_mapped(
-                    g3, p3, m3, has_mask, np.uint64(ignore), has_ignore, np.uint64(g_signed),
-                    np.uint64(p_signed), self._fixed, self._dense, self._lut, self._hkeys, self._hvals,
-                    self._keys, self._acc, state, start,
+                    g3, p3, m3, has_mask, ignore, has_ignore, np.uint64(g_signed), np.uint64(p_signed),
+                    self._fixed, self._dense, self._lut, self._hkeys, self._hvals, self._keys, self._acc,
+                    state, start,
                 )  # fmt: skip
                 if status == cpu.GROW_LABELS:
                     self._grow_labels(self._kcap + 1)
@@ -381,12 +400,32 @@ class ConfusionMatrix:
                 else:
                     break
                 start = int(state[cpu.POS])
-        if status in (cpu.BAD_GT, cpu.BAD_PRED):
-            role = "gt" if status == cpu.BAD_GT else "pred"
-            src = gt if role == "gt" else pred
-            value = _as_value(int(state[cpu.VALUE]), src.dtype)
-            pos = tuple(int(x) for x in np.unravel_index(int(state[cpu.POS]), g3.shape))
-            raise LabelError(_label_message(role, value, pos, self), role=role, value=value, position=pos)
+            if status != cpu.OK:
+                self._raise_bad(status, _piece_position(lead, g3, state, gv.ndim), gt, pred)
+
+    def _raise_bad(self, status: int, position: Any, gt: np.ndarray, pred: np.ndarray) -> None:
+        role = "gt" if status == cpu.BAD_GT else "pred"
+        value = _as_value(int(self._state[cpu.VALUE]), (gt if role == "gt" else pred).dtype)
+        pos = tuple(int(x) for x in position)
+        raise LabelError(_label_message(role, value, pos, self), role=role, value=value, position=pos)
+
+    def _fold(self) -> None:
+        """Move counts of the raw 8-bit table (discovery) into the label space."""
+        raw = self._raw8
+        if raw is None or not raw.any():
+            return
+        table = raw.reshape(256, 256)
+        values = np.flatnonzero(table.any(axis=1) | table.any(axis=0))
+        idx = self._add_keys(values.astype(np.uint64)).astype(np.intp)
+        sub = table[np.ix_(values, values)]
+        if self._dense:
+            self._acc.reshape(self._kcap, self._kcap)[np.ix_(idx, idx)] += sub
+        else:
+            for mine, theirs in zip(
+                self._marginal_parts(), (sub.sum(axis=1), sub.sum(axis=0), np.diagonal(sub))
+            ):
+                mine[idx] += theirs
+        raw[:] = 0
 
     def update(self, pred: Any, gt: Any, mask: Any = None, **engine_options: Any) -> ConfusionMatrix:
         """Add the counts of one batch (prediction first, ground truth second).
@@ -410,6 +449,8 @@ class ConfusionMatrix:
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add the counts of ``other`` into this accumulator (label spaces are unified). Returns ``self``."""
+        self._fold()
+        other._fold()
         self._check_usable()
         other._check_usable()
         if other._prob != self._prob:
@@ -476,6 +517,7 @@ class ConfusionMatrix:
 
     def _marginals_raw(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(gt counts, pred counts, diagonal) in internal index order, length NLAB."""
+        self._fold()
         n = int(self._state[cpu.NLAB])
         if self._dense:
             t = self._acc.reshape(self._kcap, self._kcap)[:n, :n]
@@ -502,6 +544,7 @@ class ConfusionMatrix:
     @property
     def labels(self) -> np.ndarray:
         """Label values of the rows / columns, in order (int64, or uint64 for ids >= 2**63)."""
+        self._fold()
         n = int(self._state[cpu.NLAB])
         keys = self._keys[:n][self._order()]
         if n and keys.max() >= np.uint64(1 << 63):
@@ -511,6 +554,7 @@ class ConfusionMatrix:
     @property
     def num_classes(self) -> int:
         """Number of labels (rows) so far."""
+        self._fold()
         return int(self._state[cpu.NLAB])
 
     @property
@@ -521,6 +565,7 @@ class ConfusionMatrix:
     @property
     def counts(self) -> np.ndarray:
         """The (K, K) int64 matrix, rows = ground truth, columns = prediction, in :attr:`labels` order."""
+        self._fold()
         self._check_usable()
         if not self._dense:
             raise FastSegError(
@@ -574,6 +619,7 @@ class ConfusionMatrix:
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
+        self._fold()
         n = int(self._state[cpu.NLAB])
         g, p, d = self._marginals_raw()
         table = self._acc.reshape(self._kcap, self._kcap)[:n, :n].copy() if self._dense else None
@@ -629,7 +675,37 @@ class ConfusionMatrix:
 
 
 _NO_MASK = np.ones((1, 1, 1), dtype=np.uint8)
+_NO_WORDS = np.zeros(1, dtype=np.uint64)
 _NO_HIST = np.zeros((1, 2, 1), dtype=np.int64)
+
+
+def _flat_ok(gv: np.ndarray, pv: np.ndarray, mv: np.ndarray | None) -> bool:
+    """Whether the flat 64-bit word kernel applies: contiguous chunks of equal 1- or 2-byte labels."""
+    return (
+        gv.itemsize == pv.itemsize
+        and gv.itemsize in (1, 2)
+        and gv.flags.c_contiguous
+        and pv.flags.c_contiguous
+        and (mv is None or mv.flags.c_contiguous)
+    )
+
+
+def _words(a1: np.ndarray, nwords: int) -> np.ndarray:
+    """uint64 view of the first ``nwords`` words of contiguous 1-D ``a1`` (no copy)."""
+    return a1.view(np.uint8)[: nwords * 8].view(np.uint64)
+
+
+def _pieces(gv: np.ndarray, pv: np.ndarray, mv: np.ndarray | None):
+    g_pieces = as_3d(gv)
+    m_pieces = [((), _NO_MASK)] * len(g_pieces) if mv is None else as_3d(mv)
+    return zip(g_pieces, as_3d(pv), m_pieces)
+
+
+def _piece_position(lead: tuple[int, ...], g3: np.ndarray, state: np.ndarray, ndim: int) -> tuple[int, ...]:
+    """Chunk coordinates of the position a kernel stopped at in 3-D piece ``g3``."""
+    pos = np.unravel_index(int(state[cpu.POS]), g3.shape)
+    inner = pos[3 - ndim :] if ndim < 3 else pos
+    return tuple(lead) + tuple(int(x) for x in inner)
 
 
 def _mask_view(mask: np.ndarray) -> np.ndarray:

@@ -348,3 +348,110 @@ def count_mapped(
     state[NIGNORED] += nignored
     state[NMASKED] += nmasked
     return status
+
+
+_LOW = (np.uint64(0), np.uint64(0xFF), np.uint64(0xFFFF))
+_BCAST = (np.uint64(0), np.uint64(0x0101010101010101), np.uint64(0x0001000100010001))
+
+
+@njit(nogil=True, cache=True)
+def count_direct_flat(
+    g1, p1, m1, gw, pw, mw, has_mask, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, state
+):
+    """:func:`count_direct` for C-contiguous 1-D chunks of 1- or 2-byte labels, 8 voxels at a time.
+
+    ``gw`` / ``pw`` (and ``mw``, a uint8 mask) are uint64 views of the first ``len(gw) * 8``
+    bytes of ``g1`` / ``p1`` (``m1``); gt and pred have the same item size. A block of 8 voxels
+    is uniform when its words equal the first value broadcast to every lane, which costs two
+    loads and two compares for uint8 instead of sixteen. Positions are flat (C order).
+    """
+    size = g1.itemsize
+    low = _LOW[size]
+    bcast = _BCAST[size]
+    nblocks = gw.shape[0] // size  # a block is 8 voxels: ``size`` words
+    run_idx = 0
+    run_w = 0
+    nignored = 0
+    nmasked = 0
+    bad = -1
+    for blk in range(nblocks):
+        w0 = blk * size
+        a = gw[w0]
+        b = pw[w0]
+        g = a & low
+        p = b & low
+        uniform = (a == g * bcast) & (b == p * bcast)
+        if size == 2:
+            uniform = uniform & (gw[w0 + 1] == a) & (pw[w0 + 1] == b)
+        if has_mask:
+            mword = mw[blk]
+            uniform = uniform & (mword == (mword & _LOW[1]) * _BCAST[1])
+        k = blk * 8
+        if uniform:
+            if has_mask and m1[k] == 0:
+                nmasked += 8
+            elif has_ignore and g == ignore:
+                nignored += 8
+            elif g >= gt_limit or p >= pred_limit:
+                bad = k
+                break
+            else:
+                idx = np.int64(g) * kcap + np.int64(p)
+                if idx == run_idx:
+                    run_w += 8
+                else:
+                    acc[run_idx] += run_w
+                    run_idx = idx
+                    run_w = 8
+            continue
+        for kk in range(k, k + 8):
+            if has_mask and m1[kk] == 0:
+                nmasked += 1
+                continue
+            g = np.uint64(g1[kk])
+            if has_ignore and g == ignore:
+                nignored += 1
+                continue
+            p = np.uint64(p1[kk])
+            if g >= gt_limit or p >= pred_limit:
+                bad = kk
+                break
+            idx = np.int64(g) * kcap + np.int64(p)
+            if idx == run_idx:
+                run_w += 1
+            else:
+                acc[run_idx] += run_w
+                run_idx = idx
+                run_w = 1
+        if bad >= 0:
+            break
+    if bad < 0:
+        for kk in range(nblocks * 8, g1.shape[0]):
+            if has_mask and m1[kk] == 0:
+                nmasked += 1
+                continue
+            g = np.uint64(g1[kk])
+            if has_ignore and g == ignore:
+                nignored += 1
+                continue
+            p = np.uint64(p1[kk])
+            if g >= gt_limit or p >= pred_limit:
+                bad = kk
+                break
+            idx = np.int64(g) * kcap + np.int64(p)
+            if idx == run_idx:
+                run_w += 1
+            else:
+                acc[run_idx] += run_w
+                run_idx = idx
+                run_w = 1
+    acc[run_idx] += run_w
+    state[NIGNORED] += nignored
+    state[NMASKED] += nmasked
+    if bad >= 0:
+        g = np.uint64(g1[bad])
+        p = np.uint64(p1[bad])
+        state[POS] = bad
+        state[VALUE] = np.int64(g if g >= gt_limit else p)
+        return BAD_GT if g >= gt_limit else BAD_PRED
+    return OK
