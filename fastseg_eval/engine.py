@@ -259,7 +259,7 @@ class _Plan:
             if vol.kind == "zarr":
                 with self.count_lock:
                     self.direct_reads[vol.role] += 1
-            return [[a] for a, _ in unit], {(0,) * len(unit): vol.read(whole)}
+            return [[a] for a, _ in unit], {(0,) * len(unit): vol.read(whole, reuse=True)}
         idx_ranges = [
             range(_interval_index(sb[a], lo), _interval_index(sb[a], hi - 1) + 1)
             for a, (lo, hi) in enumerate(unit)
@@ -271,7 +271,7 @@ class _Plan:
         if nested:
             with self.count_lock:
                 self.direct_reads[vol.role] += math.prod(len(r) for r in idx_ranges)
-            return [[a] for a, _ in unit], {(0,) * len(unit): vol.read(whole)}
+            return [[a] for a, _ in unit], {(0,) * len(unit): vol.read(whole, reuse=True)}
         cuts = [[max(sb[a][j], lo) for j in r] for a, (r, (lo, _)) in enumerate(zip(idx_ranges, unit))]
         data = {}
         cache = self.caches[vol.role]

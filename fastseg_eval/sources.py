@@ -30,6 +30,7 @@ class Volume:
     key: str | None = None  # node path inside the store
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
     channel_axis: int | None = None  # probability maps: the class axis, moved last when read
+    _reader: Any = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -69,20 +70,32 @@ class Volume:
             chunks = [list(c) for c in self.array.chunks]
         return {"source": self.source, "shape": list(self.shape), "dtype": str(self.dtype), "chunks": chunks}
 
-    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+    def read(self, region: tuple[slice, ...], *, reuse: bool = False) -> np.ndarray:
         """Voxels of ``region`` (spatial) as a numpy array (a view for numpy inputs).
 
-        With a channel axis, every channel is read and the channel axis is moved last.
+        With a channel axis, every channel is read and the channel axis is moved last. With
+        ``reuse``, the result may live in a buffer the calling thread reuses for its next
+        ``reuse`` read of this volume (the engine counts a unit before reading the next).
         """
         if self.channel_axis is not None:
             ax = self.channel_axis
-            full = region[:ax] + (slice(None),) + region[ax:]
-            return np.moveaxis(self._read(full), ax, -1)
-        return self._read(region)
+            full = region[:ax] + (slice(0, self.shape[ax]),) + region[ax:]
+            return np.moveaxis(self._read(full, reuse), ax, -1)
+        return self._read(region, reuse)
 
-    def _read(self, region: tuple[slice, ...]) -> np.ndarray:
+    def _read(self, region: tuple[slice, ...], reuse: bool = False) -> np.ndarray:
         if self.kind == "numpy":
             return self.array[region]
+        if self.kind == "zarr":
+            if self._reader is False:
+                from .chunkread import chunk_reader
+
+                self._reader = chunk_reader(self.array, self.role, self.source)
+            if self._reader is not None and all(
+                s.start % c == 0 and (s.stop % c == 0 or s.stop == n)
+                for s, c, n in zip(region, self.array.chunks, self.shape)
+            ):
+                return self._reader.read(region, reuse=reuse)
         try:
             out = self.array[region]
         except Exception as e:  # a codec or store error: name the chunk and the input
