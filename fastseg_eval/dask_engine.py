@@ -36,6 +36,7 @@ import math
 import os
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -322,7 +323,9 @@ def _dask_units(vols: list[Volume]) -> tuple[list[Any], list[Region]]:
             args += [a, ind]
         else:
             args += [da.moveaxis(a.rechunk({ax: -1}), ax, -1), ind + "z"]
-    _, arrays = unify_chunks(*args)
+    with warnings.catch_warnings():  # a finer common grid is the point here, not a mistake
+        warnings.simplefilter("ignore", da.PerformanceWarning)
+        _, arrays = unify_chunks(*args)
     starts = [np.concatenate([[0], np.cumsum(c)]).astype(int).tolist() for c in arrays[0].chunks[:ndim]]
     per_axis = [list(zip(s[:-1], s[1:])) for s in starts]
     return arrays, [tuple(u) for u in itertools.product(*per_axis)]
