@@ -167,8 +167,9 @@ class ConfusionMatrix:
         self._lut = np.full(cpu.LUT_SIZE, -1, dtype=np.int32)
         self._hkeys = np.zeros(0, dtype=np.uint64)
         self._hvals = np.zeros(0, dtype=np.int32)
-        self._state = np.zeros(cpu.STATE_SIZE, dtype=np.int64)
+        self._state = _padded_zeros(cpu.STATE_SIZE)
         self._raw8: np.ndarray | None = None  # discovery on 8-bit inputs: counts by raw value
+        self._side: np.ndarray | None = None  # scratch of the flat kernel (zero between calls)
         self._alloc(kcap, dense)
         if fixed is not None:
             self._add_keys(np.asarray(fixed, dtype=np.uint64))
@@ -180,7 +181,7 @@ class ConfusionMatrix:
         self._keys = (
             np.zeros(kcap, dtype=np.uint64) if not hasattr(self, "_keys") else _resized(self._keys, kcap)
         )
-        self._acc = np.zeros(kcap * kcap if dense else 3 * kcap, dtype=np.int64)
+        self._acc = _padded_zeros(kcap * kcap if dense else 3 * kcap)
 
     def _grow_labels(self, need: int) -> None:
         """Make room for at least ``need`` labels, switching to marginals past ``dense_max``."""
@@ -375,7 +376,7 @@ class ConfusionMatrix:
                 status = cpu.count_direct_flat(
                     g1, p1, m1, _words(g1, nwords), _words(p1, nwords),
                     _NO_WORDS if mv is None else _words(m1, nwords // g1.itemsize),
-                    has_mask, ignore, has_ignore, gl, pl, k, acc, state,
+                    has_mask, ignore, has_ignore, gl, pl, k, acc, self._side_for(acc), state,
                 )  # fmt: skip
                 if status != cpu.OK:
                     self._raise_bad(status, np.unravel_index(int(state[cpu.POS]), gv.shape), gt, pred)
@@ -402,6 +403,15 @@ class ConfusionMatrix:
                 start = int(state[cpu.POS])
             if status != cpu.OK:
                 self._raise_bad(status, _piece_position(lead, g3, state, gv.ndim), gt, pred)
+
+    def _side_for(self, acc: np.ndarray) -> np.ndarray:
+        """Scratch tables of the flat kernel for ``acc`` (none for large tables: folding costs)."""
+        if acc.size > SIDE_MAX:
+            return _NO_SIDE
+        side = self._side
+        if side is None or side.shape[1] != acc.size:
+            side = self._side = _padded_zeros(2 * acc.size).reshape(2, acc.size)
+        return side
 
     def _raise_bad(self, status: int, position: Any, gt: np.ndarray, pred: np.ndarray) -> None:
         role = "gt" if status == cpu.BAD_GT else "pred"
@@ -676,7 +686,15 @@ class ConfusionMatrix:
 
 _NO_MASK = np.ones((1, 1, 1), dtype=np.uint8)
 _NO_WORDS = np.zeros(1, dtype=np.uint64)
+_NO_SIDE = np.zeros((2, 0), dtype=np.int64)
+SIDE_MAX = 1 << 12  # folding a larger scratch table per chunk would cost more than it saves
 _NO_HIST = np.zeros((1, 2, 1), dtype=np.int64)
+
+
+def _padded_zeros(n: int) -> np.ndarray:
+    """int64 zeros with a cache line of padding on each side: the small tables of two workers
+    must not share a cache line (false sharing halved two-thread throughput at K=4)."""
+    return np.zeros(n + 16, dtype=np.int64)[8 : 8 + n]
 
 
 def _flat_ok(gv: np.ndarray, pv: np.ndarray, mv: np.ndarray | None) -> bool:
