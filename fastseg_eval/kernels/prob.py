@@ -52,9 +52,17 @@ def prob_bin(p, edges, nbins):
 @njit(nogil=True, cache=True)
 def threshold_chunk(
     prob, scale, threshold, gt, mask, has_mask, ignore, has_ignore, out, hist, edges, nbins, state, fstate
-):
-    """Binary map: ``out = prob / scale > threshold``; sweep histogram of class 1 (gt == 1)."""
+):  # fmt: skip
+    """Binary map: ``out = prob / scale > threshold``; sweep histogram of class 1 (gt == 1).
+
+    Equal consecutive (gt side, bin) pairs accumulate in a register run before reaching
+    ``hist``: clipped maps put long runs into the bins of 0 and 1.
+    """
     n0, n1, n2 = prob.shape
+    one = np.uint64(1)
+    run_side = 0
+    run_bin = 0
+    run_w = 0
     for i in range(n0):
         for j in range(n1):
             for k in range(n2):
@@ -66,13 +74,23 @@ def threshold_chunk(
                     continue
                 p = np.float64(prob[i, j, k]) / scale
                 if not (p >= 0.0 and p <= 1.0):  # NaN fails both tests
+                    hist[0, run_side, run_bin] += run_w
                     state[POS] = (i * n1 + j) * n2 + k
                     fstate[VALUE_F] = np.float64(prob[i, j, k])
                     return BAD_PROB
                 if p > threshold:
                     out[i, j, k] = 1
                 if nbins > 0:
-                    hist[0, 1 if g == 1 else 0, prob_bin(p, edges, nbins)] += 1
+                    side = 1 if g == one else 0
+                    b = prob_bin(p, edges, nbins)
+                    if side == run_side and b == run_bin:
+                        run_w += 1
+                    else:
+                        hist[0, run_side, run_bin] += run_w
+                        run_side = side
+                        run_bin = b
+                        run_w = 1
+    hist[0, run_side, run_bin] += run_w
     return OK
 
 
