@@ -331,3 +331,28 @@ def test_marginals_mode_in_batches(vols, dense_max, n_batches):
     else:
         with pytest.raises(FastSegError, match="dense_max"):
             _ = acc.counts
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.int32, np.uint64])
+def test_num_classes_past_dense_max_uses_values_as_indices(dtype):
+    """num_classes beyond dense_max keeps marginals and maps values directly; errors still hold."""
+    rng = np.random.default_rng(31)
+    k = 4000
+    gt = rng.integers(0, 3000, (50, 61)).astype(dtype)
+    pred = gt.copy()
+    pred[::3] = rng.integers(0, 3000, pred[::3].shape).astype(dtype)
+    acc = fse.ConfusionMatrix(k).update(pred, gt)
+    assert not acc.is_dense and acc.labels.tolist() == list(range(k))
+    g64, p64 = gt.ravel().astype(np.int64), pred.ravel().astype(np.int64)
+    np.testing.assert_array_equal(acc.gt_counts, np.bincount(g64, minlength=k))
+    np.testing.assert_array_equal(acc.pred_counts, np.bincount(p64, minlength=k))
+    np.testing.assert_array_equal(acc.diagonal, np.bincount(g64[g64 == p64], minlength=k))
+    bad = gt.copy()
+    bad[1, 2] = k
+    with pytest.raises(fse.LabelError, match=r"label 4000 at voxel \(1, 2\)"):
+        fse.ConfusionMatrix(k).update(pred, bad)
+    if np.dtype(dtype).kind == "i":  # a negative value must not pass as a large index
+        bad = gt.copy()
+        bad[3, 4] = -7
+        with pytest.raises(fse.LabelError, match=r"label -7 at voxel \(3, 4\)"):
+            fse.ConfusionMatrix(40000).update(pred, bad)
