@@ -186,6 +186,15 @@ def targets_section(res: Results) -> list[str]:
             lambda v: v >= 4,
         )
     )
+    out.append(
+        _row(
+            f"sweep: 1000-bin threshold sweep / plain thresholded evaluation ({res.info('sweep.sweep', 'size') or '?'} float32 zarr)",
+            "<= 2",
+            _ratio(res.median("sweep.sweep"), res.median("sweep.plain")),
+            x,
+            lambda v: v <= 2,
+        )
+    )
     scal = res.scaling_keys()
     big_key = scal[-1] if scal else "zarr.evaluate"
     big = res.info(big_key, "peak_rss_mib")
@@ -271,7 +280,23 @@ def info_section(res: Results) -> list[str]:
         _ratio(res.median("kernel.ids.evaluate"), res.median("kernel.ids.fse")),
         x,
     )
-    add("zarr: decode-only throughput", res.rate("zarr.decode"), _fmt_rate)
+    add(
+        "distributed: LocalCluster (2 processes, already running) / local threads, same 512^3 pair",
+        _ratio(res.median("distributed.local-cluster"), res.median("distributed.threads")),
+        x,
+    )
+    add(
+        "distributed: scheduler='local:2' including cluster start-up / local threads",
+        _ratio(res.median("distributed.local:2"), res.median("distributed.threads")),
+        x,
+    )
+    add("zarr: decode-only throughput (zarr-python)", res.rate("zarr.decode"), _fmt_rate)
+    add("zarr: decode-only throughput (fastseg chunk reader)", res.rate("zarr.decode_fast"), _fmt_rate)
+    add(
+        "zarr: evaluate time / decode-only time with the same reader (what counting adds)",
+        _ratio(res.median("zarr.evaluate"), res.median("zarr.decode_fast")),
+        x,
+    )
     for k in res.scaling_keys():
         b = res.by_key[k]
         ns = float(b["stats"]["median"]) / b["extra_info"]["voxels"] * 1e9

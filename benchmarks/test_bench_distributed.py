@@ -94,6 +94,7 @@ def _run(benchmark, name, pair, rounds=ROUNDS, warmup=1, **options):
     )
     np.testing.assert_array_equal(result.confusion_matrix, expected)
     benchmark.extra_info["voxels"] = SIDE**3
+    benchmark.extra_info["key"] = f"distributed.{name}"
     benchmark.extra_info["engine"] = result.to_dict()["timing"]["engine"]
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None:

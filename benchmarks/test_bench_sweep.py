@@ -63,7 +63,7 @@ def test_sweep_overhead(benchmark, prob_pair, bins):
     assert (res.curves is not None) == (bins is not None)
     key = "sweep" if bins else "plain"
     _times[key] = benchmark.stats.stats.median
-    benchmark.extra_info.update(voxels=SIDE**3, voxels_per_second=SIDE**3 / _times[key])
+    benchmark.extra_info.update(key=f"sweep.{key}", size=f"{SIDE}^3", voxels=SIDE**3)
     if bins and "plain" in _times:
         ratio = _times["sweep"] / _times["plain"]
         benchmark.extra_info.update(ratio_to_plain=round(ratio, 3), target="<= 2.0", met=bool(ratio <= 2.0))
