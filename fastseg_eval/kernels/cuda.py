@@ -5,7 +5,7 @@ it needs) is not installed; :func:`fastseg_eval.backends.cuda_status` turns that
 installed". :func:`available` says whether kernels can run here: on a CUDA GPU with the CUDA
 compiler libraries (libNVVM, NVRTC), or under numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``
 set before numba is imported; one Python thread per CUDA thread: it proves logic, not speed).
-Nothing here has run on GPU hardware yet: see docs/gpu.md for what was checked and how.
+Nothing here has run on GPU hardware yet: see the README section "GPU (CUDA) backend" for what was checked and how.
 
 How a chunk is counted
 ----------------------
