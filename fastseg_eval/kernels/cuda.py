@@ -69,6 +69,8 @@ from ..confusion import (  # noqa: E402
     ConfusionMatrix,
     _ignore_bits,
     _label_message,
+    _lookup_many,
+    _reinsert,
     label_view,
 )
 from ..errors import FastSegError, InputError, LabelError  # noqa: E402
@@ -453,9 +455,9 @@ class _Labels:
                 keys, vals = self.hkeys[used], self.hvals[used]
                 self.hkeys = np.zeros(cap, dtype=np.uint64)
                 self.hvals = np.full(cap, -1, dtype=np.int32)
-                _insert_many(keys, vals, self.lut, self.hkeys, self.hvals)
+                _reinsert(keys, vals, self.lut, self.hkeys, self.hvals)
         ids = np.arange(self.n, self.n + len(new), dtype=np.int32)
-        _insert_many(new, ids, self.lut, self.hkeys, self.hvals)
+        _reinsert(new, ids, self.lut, self.hkeys, self.hvals)
         self.hcount += big
         self.keys = np.concatenate([self.keys, new])
         self.device = None
@@ -901,24 +903,6 @@ def count_device(pred: Any, gt: Any, acc: ConfusionMatrix, mask: Any = None) -> 
     counter.add_chunk(gt, pred, mask, offset=None)
     acc.merge(counter.finish())
     return acc
-
-
-# ------------------------------------------------------------------- small host kernels
-from numba import njit  # noqa: E402
-
-
-@njit(cache=True)
-def _lookup_many(keys, lut, hkeys, hvals):
-    out = np.empty(keys.shape[0], dtype=np.int64)
-    for i in range(keys.shape[0]):
-        out[i] = cpu.lookup_label(keys[i], lut, hkeys, hvals)
-    return out
-
-
-@njit(cache=True)
-def _insert_many(keys, vals, lut, hkeys, hvals):
-    for i in range(keys.shape[0]):
-        cpu.insert_label(keys[i], vals[i], lut, hkeys, hvals)
 
 
 __all__ = [
