@@ -268,30 +268,31 @@ class ConfusionMatrix:
         self._check_usable()
         if mask is not None and mask.shape != gt.shape:
             raise InputError(f"mask chunk shape {mask.shape} differs from gt chunk shape {gt.shape}")
+        mv = None if mask is None else _mask_view(mask)
         if self._prob is not None:
-            pred = self._labels_from_probabilities(gt, pred, mask, offset)
+            pred = self._labels_from_probabilities(gt, pred, mv, offset)
         if gt.shape != pred.shape:
             raise InputError(f"gt chunk shape {gt.shape} differs from pred chunk shape {pred.shape}")
         if gt.size == 0:
             return
         gv, g_signed = label_view(gt, "gt")
         pv, p_signed = label_view(pred, "pred")
-        mv = None if mask is None else _mask_view(mask)
         try:
             self._count(gv, pv, mv, g_signed, p_signed, _ignore_bits(self.ignore_label, gt.dtype), gt, pred)
         except LabelError as e:
-            full = e.position
-            if offset is not None and full is not None:
-                full = tuple(int(a) + int(b) for a, b in zip(offset, full))
+            full = _shifted(e.position, offset)
             e.position = full
             e.args = (_label_message(e.role, e.value, full, self),)
             self._poisoned = str(e)
             raise
 
     def _labels_from_probabilities(
-        self, gt: np.ndarray, prob: np.ndarray, mask: np.ndarray | None, offset: Any
+        self, gt: np.ndarray, prob: np.ndarray, mv: np.ndarray | None, offset: Any
     ) -> np.ndarray:
-        """Threshold / argmax a probability chunk (channel axis last) into labels; fill the sweep."""
+        """Threshold / argmax a probability chunk (channel axis last) into labels; fill the sweep.
+
+        ``mv`` is the mask as uint8 (:func:`_mask_view`) or None.
+        """
         spec = self._prob
         want = gt.shape + ((spec.channels,) if spec.mode == "argmax" else ())
         if prob.shape != want:
@@ -309,30 +310,24 @@ class ConfusionMatrix:
         out = np.empty(gt.shape, dtype=np.uint8 if spec.channels <= 256 else np.uint16)
         gv, _ = label_view(gt, "gt")
         ignore, has_ignore = _ignore_bits(self.ignore_label, gt.dtype)
-        g_pieces = as_3d(gv)
-        m_pieces = [((), _NO_MASK)] * len(g_pieces) if mask is None else as_3d(_mask_view(mask))
-        p_pieces = as_3d(prob) if spec.mode == "threshold" else _as_3d_channels(prob)
         hist = self._hist if spec.bins else _NO_HIST
         fstate = np.zeros(1, dtype=np.float64)
-        for (lead, g3), (_, p3), (_, m3), (_, o3) in zip(g_pieces, p_pieces, m_pieces, as_3d(out)):
+        pieces = _pieces(gv, prob, mv, channels=spec.mode == "argmax")
+        for ((lead, g3), (_, p3), (_, m3)), (_, o3) in zip(pieces, as_3d(out)):
             if spec.mode == "threshold":
                 status = prob_kernels.threshold_chunk(
-                    p3, spec.scale, spec.threshold, g3, m3, mask is not None, np.uint64(ignore), has_ignore,
+                    p3, spec.scale, spec.threshold, g3, m3, mv is not None, np.uint64(ignore), has_ignore,
                     o3, hist, self._edges, spec.bins, self._state, fstate,
                 )  # fmt: skip
             else:
                 status = prob_kernels.argmax_chunk(
-                    p3, spec.scale, g3, m3, mask is not None, np.uint64(ignore), has_ignore, o3, hist,
+                    p3, spec.scale, g3, m3, mv is not None, np.uint64(ignore), has_ignore, o3, hist,
                     self._edges, spec.bins, self._state, fstate,
                 )  # fmt: skip
             if status != prob_kernels.OK:
                 pos = np.unravel_index(int(self._state[cpu.POS]), p3.shape)
                 channel = int(pos[3]) if spec.mode == "argmax" else None
-                pos = pos[:3]
-                inner = tuple(int(x) for x in (pos[3 - gt.ndim :] if gt.ndim < 3 else pos))
-                full = tuple(lead) + inner
-                if offset is not None:
-                    full = tuple(int(a) + int(b) for a, b in zip(offset, full))
+                full = _shifted(_chunk_position(lead, pos[:3], gt.ndim), offset)
                 value = float(fstate[0])
                 where = f" at voxel {full}" + ("" if channel is None else f", channel {channel}")
                 hint = (
@@ -384,7 +379,7 @@ class ConfusionMatrix:
             for (lead, g3), (_, p3), (_, m3) in _pieces(gv, pv, mv):
                 status = cpu.count_direct(g3, p3, m3, has_mask, ignore, has_ignore, gl, pl, k, acc, state)
                 if status != cpu.OK:
-                    self._raise_bad(status, _piece_position(lead, g3, state, gv.ndim), gt, pred)
+                    self._raise_bad(status, _kernel_position(lead, g3, state, gv.ndim), gt, pred)
             return
         for (lead, g3), (_, p3), (_, m3) in _pieces(gv, pv, mv):
             start = 0
@@ -402,7 +397,7 @@ class ConfusionMatrix:
                     break
                 start = int(state[cpu.POS])
             if status != cpu.OK:
-                self._raise_bad(status, _piece_position(lead, g3, state, gv.ndim), gt, pred)
+                self._raise_bad(status, _kernel_position(lead, g3, state, gv.ndim), gt, pred)
 
     def _side_for(self, acc: np.ndarray) -> np.ndarray:
         """Scratch tables of the flat kernel for ``acc`` (none for large tables: folding costs)."""
@@ -713,17 +708,30 @@ def _words(a1: np.ndarray, nwords: int) -> np.ndarray:
     return a1.view(np.uint8)[: nwords * 8].view(np.uint64)
 
 
-def _pieces(gv: np.ndarray, pv: np.ndarray, mv: np.ndarray | None):
+def _pieces(gv: np.ndarray, pv: np.ndarray, mv: np.ndarray | None, *, channels: bool = False):
+    """Matching 3-D pieces ``(lead, piece)`` of gt, pred (with a trailing channel axis if
+    ``channels``) and mask (a 1-voxel dummy when there is none)."""
     g_pieces = as_3d(gv)
     m_pieces = [((), _NO_MASK)] * len(g_pieces) if mv is None else as_3d(mv)
-    return zip(g_pieces, as_3d(pv), m_pieces)
+    return zip(g_pieces, _as_3d_channels(pv) if channels else as_3d(pv), m_pieces)
 
 
-def _piece_position(lead: tuple[int, ...], g3: np.ndarray, state: np.ndarray, ndim: int) -> tuple[int, ...]:
-    """Chunk coordinates of the position a kernel stopped at in 3-D piece ``g3``."""
-    pos = np.unravel_index(int(state[cpu.POS]), g3.shape)
-    inner = pos[3 - ndim :] if ndim < 3 else pos
+def _chunk_position(lead: tuple[int, ...], pos3: Any, ndim: int) -> tuple[int, ...]:
+    """Chunk coordinates of position ``pos3`` in the 3-D piece at ``lead`` of an ``ndim``-d chunk."""
+    inner = pos3[3 - ndim :] if ndim < 3 else pos3
     return tuple(lead) + tuple(int(x) for x in inner)
+
+
+def _kernel_position(lead: tuple[int, ...], g3: np.ndarray, state: np.ndarray, ndim: int) -> tuple[int, ...]:
+    """Chunk coordinates of the position a kernel stopped at in 3-D piece ``g3``."""
+    return _chunk_position(lead, np.unravel_index(int(state[cpu.POS]), g3.shape), ndim)
+
+
+def _shifted(position: tuple[int, ...] | None, offset: Any) -> tuple[int, ...] | None:
+    """A chunk position moved to full-volume coordinates by the chunk's ``offset``."""
+    if position is None or offset is None:
+        return position
+    return tuple(int(a) + int(b) for a, b in zip(offset, position))
 
 
 def _mask_view(mask: np.ndarray) -> np.ndarray:
