@@ -80,6 +80,89 @@ def _v2_codec(meta: Any, dtype: np.dtype) -> Any:
     return meta.compressor  # a numcodecs codec, or None (raw chunks)
 
 
+def decode_into(codec: Any, data: bytes, out: np.ndarray) -> int:
+    """Decode chunk file ``data`` into the uint8 buffer ``out``; return the bytes the codec produced.
+
+    The count is what the encoded data holds, never the size of ``out``: a chunk that decodes to
+    fewer bytes than the buffer must not pass with the tail of the buffer left over from the
+    previous chunk. The caller compares it with the chunk's byte size and copies nothing more.
+
+    * no codec: the file's length;
+    * zstd: the frame header's content size (libzstd checks the frame against it while decoding
+      in place); frames without a stated size, or several frames, decode into fresh memory;
+    * blosc: the header's uncompressed and compressed sizes (the latter must equal the file);
+    * gzip: bytes read until the end of the stream;
+    * any other numcodecs codec (zarr v2): decoded into fresh memory, then copied.
+
+    Nothing is written into ``out`` beyond the count returned; when the count differs from
+    ``out.nbytes`` its contents are unspecified.
+    """
+    import numcodecs
+
+    size = out.nbytes
+    if codec is None:
+        if len(data) == size:
+            out[:] = np.frombuffer(data, np.uint8)
+        return len(data)
+    if isinstance(codec, numcodecs.Zstd):
+        if _zstd_content_size(data) == size:
+            codec.decode(data, out=out)
+            return size
+    elif isinstance(codec, numcodecs.Blosc):
+        nbytes, cbytes = _blosc_sizes(data)
+        if cbytes != len(data):
+            raise ValueError(f"blosc header says {cbytes} compressed bytes, the file holds {len(data)}")
+        if nbytes != size:
+            return nbytes
+        codec.decode(data, out=out)
+        return size
+    elif isinstance(codec, numcodecs.GZip):
+        return _gunzip_into(data, out)
+    raw = np.frombuffer(memoryview(codec.decode(data)).cast("B"), np.uint8)
+    if raw.nbytes == size:
+        out[:] = raw
+    return raw.nbytes
+
+
+def _zstd_content_size(data: bytes) -> int | None:
+    """Content size in a zstd frame header (RFC 8878, 3.1.1.1), or None if absent or not zstd."""
+    if len(data) < 6 or data[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    fhd = data[4]
+    fcs_flag, single, did_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[did_flag]
+    width = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if width == 0 or len(data) < pos + width:
+        return None
+    value = int.from_bytes(data[pos : pos + width], "little")
+    return value + 256 if width == 2 else value
+
+
+def _blosc_sizes(data: bytes) -> tuple[int, int]:
+    """(uncompressed, compressed) byte counts from a blosc 1 header (16 bytes, little endian)."""
+    if len(data) < 16:
+        raise ValueError(f"{len(data)} bytes are too few for a blosc header")
+    return int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")
+
+
+def _gunzip_into(data: bytes, out: np.ndarray) -> int:
+    """Inflate gzip ``data`` into ``out``; the byte count of the stream (``out.nbytes + 1`` if longer)."""
+    import gzip
+    import io
+
+    view = memoryview(out)
+    total = 0
+    with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as f:
+        while total < out.nbytes:
+            n = f.readinto(view[total:])
+            if not n:
+                return total
+            total += n
+        if f.read(1):
+            return total + 1
+    return total
+
+
 class ChunkReader:
     """Reads regions made of whole chunks (clipped at the array's edge) of one zarr array."""
 
@@ -99,31 +182,33 @@ class ChunkReader:
     def _decode(self, coords: tuple[int, ...], out: np.ndarray) -> None:
         key = self.meta.encode_chunk_key(coords)
         path = os.path.join(self.root, *key.split("/"))
+        where = f"chunk {key} ({path})"
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
         except FileNotFoundError:
             out[...] = self.fill
             return
-        where = f"chunk {key} ({path})"
+        except OSError as e:  # a directory, a symlink loop, no permission: not a chunk we can read
+            raise InputError(
+                f"{self.role} ({self.source}): cannot read {where}: {e.strerror or e}. "
+                "A chunk must be a readable file; repair or remove it (a missing chunk reads as the fill value)"
+            ) from e
+        flat = out.reshape(-1).view(np.uint8)
         try:
-            if self.codec is None:
-                raw = data
-            else:
-                raw = self.codec.decode(data, out=out.reshape(-1).view(np.uint8))
+            nbytes = decode_into(self.codec, data, flat)
         except Exception as e:
             raise InputError(
                 f"{self.role} ({self.source}): cannot decode {where}: {type(e).__name__}: {e}. "
                 "The chunk file may be truncated or corrupted."
             ) from e
-        nbytes = memoryview(raw).nbytes
         if nbytes != self.chunk_bytes:
             raise InputError(
-                f"{self.role} ({self.source}): {where} holds {nbytes} bytes once decoded, not "
-                f"{self.chunk_bytes}; the chunk file may be truncated or corrupted"
+                f"{self.role} ({self.source}): {where} holds {nbytes} bytes once decoded, not the "
+                f"{self.chunk_bytes} of a {'x'.join(map(str, self.chunks))} {self.dtype} chunk; the chunk "
+                "file is truncated or corrupted, or the array's metadata (dtype, chunk shape) does not "
+                "match its chunks"
             )
-        if self.codec is None or not np.shares_memory(np.frombuffer(raw, np.uint8), out):
-            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, np.uint8)
 
     def read(self, region: tuple[slice, ...], *, reuse: bool) -> np.ndarray:
         """Voxels of ``region``, whose bounds lie on the chunk grid (or the array's edge).
