@@ -28,7 +28,8 @@ serialises on one memory counter. Both are exact for any data.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from .jit import njit  # numba.njit, with the on-disk cache outside the package
 
 LUT_SIZE = 1 << 16  # label values below this map through a direct lookup table
 _LUT_SIZE_U = np.uint64(LUT_SIZE)

@@ -19,7 +19,8 @@ and ignored voxels are not read.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from .jit import njit  # numba.njit, with the on-disk cache outside the package
 
 OK = 0
 BAD_PROB = 5
