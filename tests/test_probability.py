@@ -161,7 +161,7 @@ def test_multiclass_curves_are_one_vs_rest():
     probs /= probs.sum(-1, keepdims=True)
     gt = rng.integers(0, k, (20, 30)).astype(np.uint8)
     res = fse.evaluate(probs, gt, channel_axis=-1, thresholds=30)
-    assert sorted(res.curves) == ["0", "1", "2"]
+    assert sorted(res.curves) == [0, 1, 2]  # int labels, as per_class (issue 11); "0" finds 0 too
     for c in range(k):
         cur = res.curves[str(c)]
         y, s = (gt == c).ravel(), probs[..., c].ravel()
