@@ -24,8 +24,9 @@ Failure
     Every task is a pure function of its arguments (a fresh counter per task, merges copy),
     so when a worker dies dask recomputes what it held and the result stays exact; the
     caller's accumulator is only touched after the whole graph succeeded. Slabs scattered from
-    numpy inputs cannot be recomputed by dask: if their worker dies the run is re-submitted
-    (``NUMPY_RETRIES`` times at most).
+    numpy inputs cannot be recomputed by dask: if their worker dies (also while they are being
+    scattered) the run is re-submitted, as often as dask itself retries a task whose worker died
+    (``distributed.scheduler.allowed-failures``), then fails with one clear message.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import logging
 import math
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -46,7 +48,7 @@ import numpy as np
 
 from .confusion import ConfusionMatrix
 from .engine import RunStats, auto_chunks, boundaries, finish_counter, make_counter
-from .errors import InputError
+from .errors import BackendError, InputError
 from .sources import Volume
 
 log = logging.getLogger("fastseg_eval")
@@ -59,8 +61,9 @@ ALIGN_MAX_VOXELS = 1 << 24
 """Largest unit that misaligned chunk grids may be widened to so every chunk is decoded once."""
 FAN_IN = 8
 """Partial accumulators merged per merge task."""
-NUMPY_RETRIES = 2
-"""Re-submissions of a distributed run whose scattered numpy slabs died with their worker."""
+NUMPY_RETRIES: int | None = None
+"""Re-submissions of a distributed run whose scattered numpy slabs died with their worker
+(None: dask's own limit, ``distributed.scheduler.allowed-failures``)."""
 
 
 # ------------------------------------------------------------------------ zarr inputs on workers
@@ -458,6 +461,9 @@ def _compute_client(client: Any, graph: Graph, progress: Callable[[int], None] |
         future = client.compute(graph.total, optimize_graph=False)
         try:
             return future.result()
+        except BaseException:  # an error or an interrupt: a shared cluster must not keep computing
+            _cancel(client, [future])
+            raise
         finally:
             future.release()
     futures = client.compute([graph.total, *graph.parts], optimize_graph=False)
@@ -472,14 +478,50 @@ def _compute_client(client: Any, graph: Graph, progress: Callable[[int], None] |
             # dropping ``f`` releases the partial (the merge that needs it keeps it alive)
         return total.result()
     except BaseException:
-        client.cancel([total])
+        _cancel(client, [total])
         raise
 
 
+def _cancel(client: Any, futures: list[Any]) -> None:
+    """Cancel ``futures`` (and what only they need) on the cluster; never raises."""
+    try:
+        client.cancel(futures)
+    except Exception as e:  # the cluster may be gone already
+        log.debug("cancelling the run's futures: %s: %s", type(e).__name__, e)
+
+
 def _is_lost_data(e: BaseException) -> bool:
-    """A run that failed because scattered data died with its worker: dask cancels what needed it."""
+    """A run that failed because scattered data died with its worker: dask cancels what needed it,
+    or the scatter itself lost its connection to a worker that died."""
     names = {type(x).__name__ for x in (e, e.__cause__, e.__context__) if x is not None}
-    return bool(names & {"FutureCancelledError", "CancelledError"})
+    return bool(names & {"FutureCancelledError", "CancelledError", "CommClosedError", "StreamClosedError"})
+
+
+def _numpy_retries() -> int:
+    """Re-submissions of a run with scattered numpy slabs: :data:`NUMPY_RETRIES`, else dask's own
+    limit on a task's lost workers (``distributed.scheduler.allowed-failures``, 3 by default)."""
+    if NUMPY_RETRIES is not None:
+        return int(NUMPY_RETRIES)
+    import dask
+
+    try:
+        return max(0, int(dask.config.get("distributed.scheduler.allowed-failures", 3)))
+    except (TypeError, ValueError):
+        return 3
+
+
+def _cluster_error(e: Exception) -> Exception:
+    """``e``, or for dask's ``KilledWorker`` (a task whose workers kept dying) one clear message."""
+    if type(e).__name__ != "KilledWorker":
+        return e
+    import dask
+
+    limit = dask.config.get("distributed.scheduler.allowed-failures", 3)
+    return BackendError(
+        f"dask workers kept dying while running a counting task ({e}); dask gave up after "
+        f"{limit} lost workers (distributed.scheduler.allowed-failures). Check the workers' logs "
+        "and memory limit"
+    )
 
 
 def run_dask(
@@ -505,7 +547,7 @@ def run_dask(
     template = acc.spawn()
     with connect(spec) as session:
         client = session.client
-        attempts = 1 + (NUMPY_RETRIES if client is not None else 0)
+        attempts = 1 + (_numpy_retries() if client is not None else 0)
         reported = 0
 
         def report(n: int) -> None:
@@ -514,21 +556,36 @@ def run_dask(
             progress(n)  # type: ignore[misc]
 
         for attempt in range(attempts):
-            graph = build_graph(template, gv, pv, mv, backend=backend, client=client, target=target)
-            if graph.total is None:
-                return RunStats(engine=session.label, workers=0, units=0)
-            # a re-submitted run reports only what the failed attempt did not, at the end
-            tick = report if progress is not None and attempt == 0 else None
+            graph = None
             try:
+                graph = build_graph(template, gv, pv, mv, backend=backend, client=client, target=target)
+                if graph.total is None:
+                    return RunStats(engine=session.label, workers=0, units=0)
+                # a re-submitted run reports only what the failed attempt did not, at the end
+                tick = report if progress is not None and attempt == 0 else None
                 if client is not None:
                     result = _compute_client(client, graph, tick)
                 else:
                     result = _compute_local(graph, session.local, tick)
             except Exception as e:
-                if graph.scattered and attempt + 1 < attempts and _is_lost_data(e):
-                    log.warning("a worker holding scattered numpy data died (%s); re-submitting the run", e)
+                # scattered numpy slabs died with their worker (or a worker died while they were
+                # being scattered): dask cannot recompute them, the run is sent again
+                scattering = client is not None and (graph is None or graph.scattered)
+                if not (scattering and _is_lost_data(e)):
+                    raise _cluster_error(e) from e
+                if attempt + 1 < attempts:
+                    log.warning(
+                        "a worker holding scattered numpy data died (%s: %s); re-submitting the run (%d of %d)",
+                        type(e).__name__, e, attempt + 1, attempts - 1,
+                    )  # fmt: skip
+                    time.sleep(min(0.25 * (attempt + 1), 1.0))  # let the nanny bring the worker back
                     continue
-                raise
+                raise BackendError(
+                    f"dask workers holding the scattered numpy inputs kept dying: the run was sent "
+                    f"{attempts} times ({attempts - 1} re-submissions, dask's distributed.scheduler."
+                    f"allowed-failures) and failed each time; last: {type(e).__name__}: {e}. Check the "
+                    "workers' logs and memory limit, or pass zarr paths, which workers reread themselves"
+                ) from e
             break
         if client is not None:
             nworkers = sum(client.nthreads().values())

@@ -9,7 +9,6 @@ Everything is deterministic for a given ``seed``. The benchmarks reuse :func:`ma
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 
 import numpy as np
@@ -141,13 +140,22 @@ def write_demo_pair(
 ) -> tuple[str, str]:
     """Write :func:`make_demo_pair` to ``directory/pred.zarr`` and ``directory/gt.zarr``.
 
-    Stores a previous call wrote are replaced; any other existing ``pred.zarr`` / ``gt.zarr``
-    raises :class:`FileExistsError` rather than being overwritten. Returns the two paths
-    (prediction first).
+    Stores a previous call wrote are replaced (each new store is written beside the old one and
+    swapped in, so a failed write keeps the old store); any other existing ``pred.zarr`` /
+    ``gt.zarr`` raises :class:`FileExistsError` rather than being overwritten, and a
+    ``directory`` inside a zarr store raises :class:`~fastseg_eval.outputs.OutputPathError`.
+    Returns the two paths (prediction first).
     """
     import zarr
 
+    from .outputs import OutputPathError, enclosing_store, replace_directory
+
     directory = os.fspath(directory)
+    store = enclosing_store(directory)
+    if store is not None:
+        raise OutputPathError(
+            f"demo directory {directory} lies inside the zarr store {store}; choose a directory outside it"
+        )
     pred, gt = make_demo_pair(shape, num_classes, seed)
     chunk_shape = _shape3(chunks) if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
     if len(chunk_shape) != pred.ndim:
@@ -161,11 +169,13 @@ def write_demo_pair(
             )
     os.makedirs(directory, exist_ok=True)
     for p, data, role in zip(paths, (pred, gt), ("prediction", "ground truth")):
-        if os.path.exists(p):
-            shutil.rmtree(p)
-        arr = zarr.create_array(
-            store=p, shape=data.shape, chunks=chunk_shape, dtype=data.dtype, zarr_format=zarr_format,
-            fill_value=0, attributes={_MARKER: True, "role": role, "seed": int(seed)},
-        )  # fmt: skip
-        arr[...] = data
+
+        def write(tmp: str, data: np.ndarray = data, role: str = role) -> None:
+            arr = zarr.create_array(
+                store=tmp, shape=data.shape, chunks=chunk_shape, dtype=data.dtype, zarr_format=zarr_format,
+                fill_value=0, attributes={_MARKER: True, "role": role, "seed": int(seed)},
+            )  # fmt: skip
+            arr[...] = data
+
+        replace_directory(p, write, what="demo")
     return paths

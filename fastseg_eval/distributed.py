@@ -23,11 +23,12 @@ import logging
 import re
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import BackendError, OptionError
+from .interrupts import deferred_signals
 
 log = logging.getLogger("fastseg_eval")
 
@@ -225,7 +226,7 @@ def connect(spec: SchedulerSpec) -> Iterator[Session]:
             owned.append(client)
         elif spec.kind == "address":
             try:
-                client = distributed.Client(spec.value, set_as_default=False, timeout=CONNECT_TIMEOUT)
+                client = _connect_client(distributed, spec.value, timeout=CONNECT_TIMEOUT)
             except (OSError, TimeoutError) as e:
                 raise BackendError(
                     f"cannot connect to the dask scheduler at {spec.value}: {e}. Check that "
@@ -233,23 +234,94 @@ def connect(spec: SchedulerSpec) -> Iterator[Session]:
                 ) from e
             owned.append(client)
         else:  # local-cluster
-            cluster = distributed.LocalCluster(
-                n_workers=spec.value,
-                threads_per_worker=1,
-                processes=True,
-                # no dashboard, and the scheduler's small HTTP server on a free port (not 8787,
-                # which another cluster may hold)
-                dashboard_address=":0",
-                scheduler_kwargs={"dashboard": False},
-            )
-            owned.append(cluster)
-            client = distributed.Client(cluster, set_as_default=False)
-            owned.append(client)
+            # Ctrl-C / SIGTERM during start-up act once the cluster is up (and can be closed in
+            # order); its worker processes start with both signals blocked, so a terminal's
+            # Ctrl-C reaches only this process, which closes them (see interrupts.py)
+            with deferred_signals(spawns=True):
+                cluster = distributed.LocalCluster(
+                    n_workers=spec.value,
+                    threads_per_worker=1,
+                    processes=True,
+                    # no dashboard, and the scheduler's small HTTP server on a free port (not 8787,
+                    # which another cluster may hold)
+                    dashboard_address=":0",
+                    scheduler_kwargs={"dashboard": False},
+                )
+                owned.append(cluster)
+                client = distributed.Client(cluster, set_as_default=False)
+                owned.append(client)
         log.info("connected to %s (%d workers)", _client_address(client), len(client.nthreads()))
         yield Session(spec, client=client)
     finally:
+        _close(owned)
+
+
+def _connect_client(distributed: Any, address: str, timeout: str) -> Any:
+    """``distributed.Client(address)``; interrupted while connecting, it leaves no client behind.
+
+    A Client interrupted in its constructor still exists, and its finaliser would wait for the
+    pending connection (twice the connect timeout) and print a traceback at exit.
+    """
+    try:
+        return distributed.Client(address, set_as_default=False, timeout=timeout)
+    except KeyboardInterrupt as e:
+        tb, clients = e.__traceback__, []
+        while tb is not None:  # the half-made client is ``self`` in its constructor's frame
+            obj = tb.tb_frame.f_locals.get("self")
+            if isinstance(obj, distributed.Client) and all(obj is not c for c in clients):
+                clients.append(obj)
+            tb = tb.tb_next
+        for client in clients:
+            try:
+                client.close(timeout=1)
+            except Exception as e:
+                log.debug("abandoning the interrupted client: %s: %s", type(e).__name__, e)
+            if getattr(client, "status", "closed") != "closed":
+                client.status = "closed"  # its close timed out: the finaliser must not wait again
+        raise
+
+
+def _close(owned: list[Any]) -> None:
+    """Close the clients and clusters made for a run, newest first, whatever else happens.
+
+    Signals are held meanwhile (a second Ctrl-C must not leave worker processes behind), and
+    after an interrupt distributed's shutdown chatter is kept off stderr.
+    """
+    if not owned:
+        return
+    interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+    quiet = _quiet_distributed_logs() if interrupted else nullcontext()
+    with deferred_signals(), quiet:
+        if interrupted:  # workers stopped mid-task would each log the tasks they drop
+            for obj in owned:
+                if hasattr(obj, "run") and hasattr(obj, "scheduler"):  # a Client
+                    try:
+                        obj.run(_silence_worker_logs)
+                    except Exception as e:
+                        log.debug("quieting the workers: %s: %s", type(e).__name__, e)
         for obj in reversed(owned):
-            obj.close()
+            try:
+                obj.close()
+            except Exception as e:  # closing must not hide why the run ended
+                log.debug("closing %r: %s: %s", obj, type(e).__name__, e)
+
+
+def _silence_worker_logs() -> None:
+    """Run on each worker of a cluster being shut down after an interrupt."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+@contextmanager
+def _quiet_distributed_logs() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _default_client() -> Any:
