@@ -34,6 +34,12 @@ def pytest_configure(config: pytest.Config) -> None:
         bd.bench_size()
     except ValueError as e:  # a bad FASTSEG_BENCH_SIZE stops the run here, with its message
         raise pytest.UsageError(str(e)) from None
+    if bd.deprecated_small():
+        print(
+            "note: FASTSEG_BENCH_SMALL is deprecated; use FASTSEG_BENCH_SIZE=small "
+            f"(this run: FASTSEG_BENCH_SIZE={bd.bench_size()})",
+            file=sys.stderr,
+        )
 
 
 def _cpu_model() -> str:

@@ -64,11 +64,22 @@ RELABEL = 0.02  # fraction of instance cells the prediction labels differently
 
 # ------------------------------------------------------------------------------ sizes
 def bench_size() -> str:
-    """``FASTSEG_BENCH_SIZE``: ``full`` (default) or ``small`` (a smoke run of under a minute)."""
-    size = os.environ.get("FASTSEG_BENCH_SIZE", "full").strip().lower() or "full"
+    """``FASTSEG_BENCH_SIZE``: ``full`` (default) or ``small`` (a smoke run of under a minute).
+
+    The one size setting of every benchmark. ``FASTSEG_BENCH_SMALL=1``, the distributed
+    benchmark's former variable, is deprecated: it still means ``small`` when
+    ``FASTSEG_BENCH_SIZE`` is unset (``benchmarks/conftest.py`` prints a note).
+    """
+    default = "small" if deprecated_small() else "full"
+    size = os.environ.get("FASTSEG_BENCH_SIZE", default).strip().lower() or default
     if size not in SIZES:
         raise ValueError(f"FASTSEG_BENCH_SIZE={size!r}: use one of {', '.join(SIZES)}")
     return size
+
+
+def deprecated_small() -> bool:
+    """Whether the deprecated ``FASTSEG_BENCH_SMALL`` asks for the small size."""
+    return os.environ.get("FASTSEG_BENCH_SMALL", "").strip().lower() not in ("", "0", "false", "no")
 
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -78,6 +89,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "zarr": 1024,
         "scaling": (256, 512, 1024),
         "cli": 64,
+        "sweep": 512,  # test_bench_sweep.py
+        "distributed": 512,  # test_bench_distributed.py
         "rounds": 3,
         "kernel_rounds": 5,
         "cli_rounds": 5,
@@ -89,6 +102,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "zarr": 256,
         "scaling": (64, 128, 256),
         "cli": 64,
+        "sweep": 256,
+        "distributed": 128,
         "rounds": 2,
         "kernel_rounds": 3,
         "cli_rounds": 3,

@@ -8,7 +8,7 @@ The cluster entries record ``overhead_vs_threads`` (their mean over the threads'
 ``extra_info``.
 
     pytest benchmarks/test_bench_distributed.py --benchmark-only                  # 512^3 pair
-    FASTSEG_BENCH_SMALL=1 pytest benchmarks/test_bench_distributed.py --benchmark-only   # 128^3
+    FASTSEG_BENCH_SIZE=small pytest benchmarks/test_bench_distributed.py --benchmark-only   # 128^3
 
 The 512^3 pair is two uint8 volumes of 128 MiB each (64 chunks of 128^3), written once per
 session under pytest's temporary directory.
@@ -16,8 +16,7 @@ session under pytest's temporary directory.
 
 from __future__ import annotations
 
-import os
-
+import fastseg_bench_data as bd
 import numpy as np
 import pytest
 import zarr
@@ -26,7 +25,7 @@ import fastseg_eval as fse
 
 distributed = pytest.importorskip("distributed")
 
-SIDE = 128 if os.environ.get("FASTSEG_BENCH_SMALL") else 512
+SIDE = bd.sizes()["distributed"]  # FASTSEG_BENCH_SIZE: 512 (full) or 128 (small)
 CHUNK = 64 if SIDE <= 128 else 128
 K = 8
 GROUP = f"distributed-{SIDE}"

@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import fastseg_bench_data as bd
 import numpy as np
 import pytest
 import zarr
 
 import fastseg_eval as fse
 
-SIDE = 256 if os.environ.get("FASTSEG_BENCH_SIZE", "") == "small" else 512
+SIDE = bd.sizes()["sweep"]  # FASTSEG_BENCH_SIZE: 512 (full) or 256 (small)
 CHUNK = 128
 _times: dict[str, float] = {}
 

@@ -13,10 +13,11 @@ from .backends import resolve_backend
 from .confusion import DENSE_MAX, ConfusionMatrix
 from .engine import check_workers, count_into
 from .errors import FastSegError, OptionError
-from .probability import check_bins, make_spec
+from .memory import check_label_space
+from .probability import check_bins, make_spec, scale_mistake
 from .progress import ProgressBar
-from .report import EvaluationResult, check_metric_options
-from .sources import check_volumes, open_volume
+from .report import PER_CLASS_LIMIT, EvaluationResult, check_metric_options
+from .sources import check_chunks, check_volumes, open_volume
 
 log = logging.getLogger("fastseg_eval")
 
@@ -38,6 +39,22 @@ def _device_backend(requested: str, chosen: str, vols: tuple) -> str:
     if requested == "auto" and chosen == "cpu" and any(v is not None and v.kind == "cuda" for v in vols):
         return resolve_backend("cuda")
     return chosen
+
+
+def _check_label_space(num_classes: Any, labels: Any, workers: int, dense_max: int, memory_limit: Any) -> None:
+    """Refuse a fixed label space whose per-worker tables and report exceed the memory budget."""
+    if labels is not None:
+        k = len(labels)
+    elif isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, bool) and num_classes > 0:
+        k = int(num_classes)
+    else:
+        return  # discovered labels, or a bad num_classes that ConfusionMatrix reports
+    check_label_space(k, workers=workers, dense_max=dense_max, memory_limit=memory_limit)
+
+
+def _plain(x: Any) -> Any:
+    """A zarr fill value as a JSON-ready Python value."""
+    return x.item() if isinstance(x, np.generic) else x
 
 
 def _progress(progress: Any, total: int):
@@ -78,6 +95,8 @@ def evaluate(
     mask_key: str | None = None,
     level: int | str | None = None,
     storage_options: dict[str, Any] | None = None,
+    memory_limit: int | str | None = None,
+    per_class_limit: int | None = PER_CLASS_LIMIT,
 ) -> EvaluationResult:
     """Evaluate a segmentation against ground truth in one pass over the data.
 
@@ -134,6 +153,14 @@ def evaluate(
     pred_key, gt_key, mask_key, level, storage_options
         Where to find the array inside a store, which OME-Zarr level (default: full
         resolution), and fsspec options for remote URLs.
+    memory_limit : int or str, optional
+        Memory budget for the label space (bytes or ``"8G"``): a ``num_classes`` / ``labels`` whose
+        count tables (one per worker) and report would exceed it is refused before counting.
+        Default: the environment variable ``FASTSEG_MEMORY_LIMIT``, else half the available memory.
+    per_class_limit : int or None
+        Most labels the reports (JSON, CSV, table) list one by one (default 10,000); past it they
+        keep the labels that occur, largest first. ``None`` or 0: every label.
+        ``result.per_class`` answers for every label either way.
 
     Returns
     -------
@@ -169,9 +196,12 @@ def evaluate(
     )  # fmt: skip
     pv.channel_axis = axis
     check_volumes(pv, gv, mv, pred_shape=pv.spatial_shape if spec is not None else None)
+    check_chunks((pv, gv, mv), 1 if scheduler is not None else nworkers, memory_limit)
+    _check_label_space(num_classes, labels, nworkers, DENSE_MAX, memory_limit)
     acc = ConfusionMatrix(
-        num_classes, labels=labels, ignore_label=ignore_label, probability=spec, channel_axis=axis
-    )
+        num_classes, labels=labels, ignore_label=ignore_label, probability=spec, channel_axis=axis,
+        memory_limit=False,
+    )  # fmt: skip
     total = int(np.prod(gv.shape, dtype=np.int64))
     bar = _progress(progress, total)
     try:
@@ -188,7 +218,15 @@ def evaluate(
     finally:
         if isinstance(bar, ProgressBar):
             bar.close()
+    mistake = scale_mistake(spec, acc._prob_max)  # e.g. prob_scale=255 on a map already in [0, 1]
+    if mistake:
+        raise OptionError(mistake)
     inputs = {"pred": pv.describe(), "gt": gv.describe(), "mask": None if mv is None else mv.describe()}
+    for v in (pv, gv, mv):
+        missing = None if v is None else v.missing_chunks()
+        if missing is not None:  # never-written chunks read as the fill value (zarr semantics)
+            inputs[v.role]["chunks_missing"] = missing[0]
+            inputs[v.role]["fill_value"] = _plain(v.array.fill_value)
     timing = {
         "seconds": stats.seconds,
         "voxels_per_second": stats.voxels / stats.seconds if stats.seconds > 0 else None,
@@ -215,7 +253,7 @@ def evaluate(
     return acc.result(
         metrics=names, tversky_alpha=tversky_alpha, tversky_beta=tversky_beta, smooth=smooth, empty=empty,
         background_label=background_label, label_names=label_names, inputs=inputs, options=options,
-        timing=timing,
+        timing=timing, per_class_limit=per_class_limit,
     )  # fmt: skip
 
 
@@ -255,6 +293,7 @@ def confusion_matrix(
         pred, gt, mask, pred_key=None, gt_key=None, mask_key=None, level=None, storage_options=None
     )
     check_volumes(pv, gv, mv)
+    check_chunks((pv, gv, mv), nworkers)
     chosen = _device_backend(backend, chosen, (pv, gv, mv))
     count_into(acc, None, None, workers=nworkers, volumes=(pv, gv, mv), backend=chosen)
     if not acc.is_dense:

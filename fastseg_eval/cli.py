@@ -2,12 +2,16 @@
 
 A thin shell over :func:`fastseg_eval.evaluate`: parse options, run, write the report. Exit
 codes: 0 ok; 1 bad data or a runtime failure (one line on stderr, no traceback unless
-``--debug``); 2 a usage error (unknown option or option value); 130 interrupted.
+``--debug``); 2 a usage error (unknown option or option value, an output path inside an input);
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Outputs are written atomically
+(:mod:`fastseg_eval.outputs`): an interrupted or failed run leaves no partial file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -16,7 +20,7 @@ import shlex
 import shutil
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from ._version import __version__
@@ -38,6 +42,80 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage block
         raise UsageError(message)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self._bare_optional_values_last(args), namespace)
+
+    def _bare_optional_values_last(self, args: list[str]) -> list[str]:
+        """``--sweep PRED GT``: a flag whose value may be left out takes the next word only if it is
+        a number; otherwise the flag moves, bare, to the end (before ``--``), so PRED stays PRED."""
+        longs = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        optional = {s for a in self._actions if a.nargs == "?" for s in a.option_strings}
+
+        def flag_of(word: str) -> str | None:
+            if word in optional:
+                return word
+            hits = [s for s in longs if s.startswith(word)] if word.startswith("--") and len(word) > 2 else []
+            return hits[0] if self.allow_abbrev and len(hits) == 1 and hits[0] in optional else None
+
+        end = args.index("--") if "--" in args else len(args)
+        kept, moved = [], []
+        for i, word in enumerate(args[:end]):
+            nxt = args[i + 1] if i + 1 < end else None
+            if nxt is not None and not nxt.startswith("-") and flag_of(word) and not _is_number(nxt):
+                moved.append(word)
+            else:
+                kept.append(word)
+        return kept + moved + args[end:]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def option_flag(name: str) -> str | None:
+    """The flag that sets :func:`fastseg_eval.evaluate`'s parameter ``name`` (``num_classes`` ->
+    ``--num-classes``, ``thresholds`` -> ``--sweep``), or None when no flag does."""
+    return _option_flags().get(name)
+
+
+_DEST_OF_PARAMETER = {"thresholds": "sweep"}
+"""evaluate()'s parameters whose option has another name (``thresholds=B`` is ``--sweep B``)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _option_flags() -> dict[str, str]:
+    flags: dict[str, str] = {}
+    for action in build_parser()._actions:  # each option's dest, spelled as its first long flag
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if longs and action.dest not in flags:
+            flags[action.dest] = longs[0]
+    flags.update({p: flags[d] for p, d in _DEST_OF_PARAMETER.items() if d in flags})
+    return flags
+
+
+@contextlib.contextmanager
+def _flags_in_errors() -> Iterator[None]:
+    """Errors raised inside name the options a command-line user types (``--num-classes 3``)."""
+    from .errors import FastSegError
+
+    try:
+        yield
+    except FastSegError as e:
+        e.args = (e.spell(option_flag), *e.args[1:])
+        raise
+
+
+def _flag_spelling(text: str) -> str:
+    """A warning's text with its options named as flags."""
+    from .errors import Message
+
+    return text.spell(option_flag) if isinstance(text, Message) else text
 
 
 # ---------------------------------------------------------------------- option value parsers
@@ -66,28 +144,38 @@ def _label_list(text: str) -> list[int]:
 
 
 def _label_names(text: str) -> dict[int, str]:
-    """``"1=liver,2=tumour"``, or a JSON file: ``{"1": "liver"}`` or a list indexed by label."""
+    """``"1=liver,2=tumour"``, or a JSON file of names.
+
+    The file holds ``{"1": "liver"}``, its inverse ``{"liver": 1}``, a list indexed by label, or a
+    dataset description whose ``"labels"`` is one of these: nnU-Net's ``dataset.json``
+    (``{"labels": {"background": 0, "liver": 1}}``) or the Medical Segmentation Decathlon's
+    (``{"labels": {"0": "background", "1": "liver"}}``). An nnU-Net region of several labels
+    (``"whole tumor": [1, 2, 3]``) names no single label and is skipped; a one-label region
+    (``[3]``, which nnU-Net reads as ``3``) names that label unless a plain entry already does.
+    """
     if text.lower().endswith(".json") or os.path.isfile(text):
         try:
             with open(text, encoding="utf-8") as fh:
                 data = json.load(fh)
         except (OSError, ValueError) as e:
             raise argparse.ArgumentTypeError(f"cannot read label names from {text}: {e}") from None
+        if isinstance(data, dict) and isinstance(data.get("labels"), (dict, list)):
+            data = data["labels"]  # nnU-Net / MSD dataset.json
         if isinstance(data, list):
             data = {i: name for i, name in enumerate(data) if name is not None}
         if not isinstance(data, dict):
             raise argparse.ArgumentTypeError(
-                f'{text} must hold a JSON object {{"1": "liver", ...}} or a list of names'
+                f'{text} must hold a JSON object {{"1": "liver", ...}} or {{"liver": 1, ...}}, a list of '
+                'names, or a dataset.json with "labels"'
             )
-        items = list(data.items())
-    else:
-        items = []
-        for part in (p for p in text.split(",") if p.strip()):
-            if "=" not in part:
-                raise argparse.ArgumentTypeError(
-                    f"{part!r} is not LABEL=NAME (expected e.g. 1=liver,2=tumour, or a .json file)"
-                )
-            items.append(tuple(s.strip() for s in part.split("=", 1)))
+        return _names_from_json(text, data)
+    items = []
+    for part in (p for p in text.split(",") if p.strip()):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not LABEL=NAME (expected e.g. 1=liver,2=tumour, or a .json file)"
+            )
+        items.append(tuple(s.strip() for s in part.split("=", 1)))
     out: dict[int, str] = {}
     for k, v in items:
         try:
@@ -95,6 +183,41 @@ def _label_names(text: str) -> dict[int, str]:
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"label {k!r} in --label-names is not an integer") from None
     return out
+
+
+def _names_from_json(path: str, data: dict[Any, Any]) -> dict[int, str]:
+    """Label -> name from a JSON object keyed either way (``{"1": "liver"}`` or ``{"liver": 1}``)."""
+
+    def as_label(x: Any) -> int | None:
+        if isinstance(x, int) and not isinstance(x, bool):
+            return x
+        if isinstance(x, str) and x.strip().lstrip("-").isdigit():
+            return int(x)
+        return None
+
+    named: dict[int, str] = {}
+    by_name: dict[int, str] = {}  # from {"name": label}; a plain entry wins over a one-label region
+    for k, v in data.items():
+        if isinstance(v, list) and len(v) == 1 and as_label(v[0]) is not None and not isinstance(v[0], str):
+            v, region = v[0], True  # nnU-Net: [3] is label 3
+        else:
+            region = False
+        if isinstance(v, (list, dict)):
+            continue  # a region of several labels (nnU-Net): no single label to name
+        label_key, label_value = as_label(k), (v if isinstance(v, int) and not isinstance(v, bool) else None)
+        if label_key is not None and label_value is None and v is not None:
+            named[label_key] = str(v)
+        elif label_key is None and label_value is not None:
+            if region:
+                by_name.setdefault(label_value, str(k))
+            else:
+                named.setdefault(label_value, str(k))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"{path}: cannot tell the label from the name in {json.dumps(k)}: {json.dumps(v)} "
+                '(expected "1": "liver" or "liver": 1)'
+            )
+    return dict(sorted({**by_name, **named}.items()))
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -144,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Try it without data: `fastseg-eval demo /tmp/fse-demo` writes an example pair and prints "
             "the command to evaluate it.  Exit codes: 0 ok, 1 bad data or runtime error, "
-            "2 usage error, 130 interrupted."
+            "2 usage error, 130 interrupted (143 on SIGTERM)."
         ),
     )
     p.add_argument("pred", metavar="PRED", help="prediction: zarr store, node path, .zip store or URL")
@@ -170,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", type=_label_list, metavar="L,...", help="the labels, e.g. 0,1,2 or 0-3")
     g.add_argument(
         "--label-names", type=_label_names, metavar="L=NAME,...|FILE.json",
-        help="names shown beside labels, e.g. 1=liver,2=tumour, or a JSON file",
+        help='names shown beside labels, e.g. 1=liver,2=tumour, or a JSON file ({"1": "liver"}, '
+        '{"liver": 1}, a list, or an nnU-Net / MSD dataset.json)',
     )  # fmt: skip
     g.add_argument(
         "--ignore-label", type=int, metavar="L", help="ground-truth label whose voxels are skipped"
@@ -207,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sweep", type=_positive_int, nargs="?", const=True, metavar="B",
         help="also sweep the threshold in the same pass with B bins (default 1000): ROC AUC, average "
-        "precision, best Dice / IoU threshold (put it after PRED GT, or give B)",
+        "precision, best Dice / IoU threshold",
     )  # fmt: skip
 
     g = p.add_argument_group("metrics")
@@ -239,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="run as a dask graph: a scheduler name or dask.distributed address (tcp://...)",
     )
+    g.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="memory budget for the label space, e.g. 8G (default: $FASTSEG_MEMORY_LIMIT, else half the "
+        "available memory); a --num-classes / --labels that cannot fit is refused before counting",
+    )
 
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, help="report format (default table, or from -o's extension)")
@@ -258,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=50,
         metavar="N",
         help="table: at most N class rows, the largest (default 50; 0 = all)",
+    )
+    g.add_argument(
+        "--per-class-limit",
+        type=_nonneg_int,
+        default=10_000,
+        metavar="N",
+        help="JSON / CSV: list at most N labels one by one, those that occur, largest first "
+        "(default 10000; 0 = every label); means and overall figures always cover all",
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar; with -o, nothing on stdout")
     g.add_argument(
@@ -297,6 +435,13 @@ def _stdout_is_tty() -> bool:
         return False
 
 
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def use_color() -> bool:
     """ANSI colour on stdout: only on a terminal, never with NO_COLOR set or TERM=dumb."""
     return _stdout_is_tty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
@@ -326,6 +471,20 @@ def _output_format(args: argparse.Namespace) -> str:
     return "table"
 
 
+def _curves_path(plot: str) -> str:
+    stem, ext = os.path.splitext(plot)
+    return f"{stem}-curves{ext}"
+
+
+def _output_paths(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """Every file the run may write, as ``(flag, path)``."""
+    curves = _curves_path(args.plot) if args.plot and args.sweep else None
+    return [
+        ("-o", args.output), ("--save-matrix", args.save_matrix), ("--plot", args.plot),
+        ("--plot (curves)", curves),
+    ]  # fmt: skip
+
+
 def _check_output_paths(args: argparse.Namespace) -> None:
     """Problems with output paths, found before a possibly long run."""
     if args.save_matrix and _suffix(args.save_matrix) not in MATRIX_EXTENSIONS:
@@ -333,7 +492,10 @@ def _check_output_paths(args: argparse.Namespace) -> None:
     if args.plot and _suffix(args.plot) not in PLOT_EXTENSIONS:
         raise UsageError(f"--plot {args.plot}: the name must end in {', '.join(PLOT_EXTENSIONS)}")
     from .errors import FastSegError
+    from .outputs import check_outputs
 
+    # never into an input store, never two outputs on one file (OutputPathError: exit 2)
+    check_outputs(_output_paths(args), {"pred": args.pred, "gt": args.gt, "mask": args.mask})
     for flag, path in (("-o", args.output), ("--save-matrix", args.save_matrix), ("--plot", args.plot)):
         if path:
             parent = os.path.dirname(os.path.abspath(path))
@@ -400,6 +562,8 @@ def evaluate_kwargs(args: argparse.Namespace, metric_names: list[str] | None) ->
         "mask_key": args.mask_key,
         "level": args.level,
         "storage_options": dict(args.storage_options) or None,
+        "memory_limit": args.memory_limit,
+        "per_class_limit": args.per_class_limit,
     }
 
 
@@ -415,22 +579,37 @@ def save_matrix(res: Any, path: str) -> None:
             f"--save-matrix {path}: no full matrix was kept ({len(res.labels)} labels, diagonal + marginals "
             "mode); the per-class counts are in --format json/csv"
         )
+    import io
+
+    from .outputs import save_npy, write_text
+
     cm = np.asarray(cm, dtype=np.int64)
     if _suffix(path) == ".npy":
-        with open(path, "wb") as fh:
-            np.save(fh, cm)
+        save_npy(path, cm, what="--save-matrix")  # atomic: a failed write keeps the old file
         return
     labels = ",".join(str(int(x)) for x in res.labels)
     header = (
         "fastseg-eval confusion matrix: rows = ground truth, columns = prediction\n"
         f"labels (rows and columns, in order): {labels}"
     )
-    np.savetxt(path, cm, fmt="%d", delimiter=",", header=header)
+    buf = io.StringIO()
+    np.savetxt(buf, cm, fmt="%d", delimiter=",", header=header)
+    write_text(path, buf.getvalue(), what="--save-matrix")
 
 
 def _write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text if text.endswith("\n") else text + "\n")
+    from .outputs import write_text
+
+    write_text(path, text, what="-o")  # atomic: a failed write keeps the old report
+
+
+def _print(text: str, *, optional: bool = False) -> None:
+    """``text`` on stdout; with ``optional`` (a copy of a report written with -o) a closed stdout is fine."""
+    from .outputs import write_stdout
+
+    if optional and sys.stdout is None:
+        return
+    write_stdout(text if text.endswith("\n") else text + "\n")
 
 
 def _label_name_warnings(res: Any, names: dict[int, str] | None) -> None:
@@ -445,7 +624,16 @@ def _label_name_warnings(res: Any, names: dict[int, str] | None) -> None:
 
 # ---------------------------------------------------------------------- commands
 def run(args: argparse.Namespace) -> int:
-    """Evaluate as ``args`` says and write the reports. Raises on errors (``main`` maps them)."""
+    """Evaluate as ``args`` says and write the reports. Raises on errors (``main`` maps them).
+
+    Errors and warnings name options as flags (``--num-classes 3``), not as the library's
+    parameters (``num_classes=3``).
+    """
+    with _flags_in_errors():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from . import api
     from .metrics import resolve_metrics
     from .table import format_table
@@ -461,6 +649,7 @@ def run(args: argparse.Namespace) -> int:
         close = getattr(bar, "close", None)
         if close is not None:
             close()
+    res.warnings = [_flag_spelling(w) for w in res.warnings]
     _label_name_warnings(res, args.label_names)
 
     table_metrics = names  # columns: the selected metrics (what fits), else the default set
@@ -487,27 +676,27 @@ def run(args: argparse.Namespace) -> int:
                     max_rows=args.max_rows,
                 )
             )
-            print(table)
+            _print(table, optional=True)
             print(f"{PROG}: wrote the {fmt} report to {args.output}", file=sys.stderr)
     else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    sys.stdout.flush()
+        _print(text)
 
     if args.save_matrix:
         save_matrix(res, args.save_matrix)
     if args.plot:
+        from .outputs import atomic_write
         from .plot import plot_result
 
-        note = plot_result(res, args.plot)
+        note = atomic_write(args.plot, lambda tmp: plot_result(res, tmp), what="--plot")
         if note and not args.quiet:
             print(f"{PROG}: {note}", file=sys.stderr)
         if res.curves:
             from .plot import plot_curves
 
-            stem, ext = os.path.splitext(args.plot)
-            plot_curves(res, f"{stem}-curves{ext}")
+            curves = _curves_path(args.plot)
+            atomic_write(curves, lambda tmp: plot_curves(res, tmp), what="--plot")
             if not args.quiet:
-                print(f"{PROG}: wrote ROC / precision-recall curves to {stem}-curves{ext}", file=sys.stderr)
+                print(f"{PROG}: wrote ROC / precision-recall curves to {curves}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -554,7 +743,18 @@ def _error(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fastseg-eval`` console script; returns the exit code."""
+    """Entry point of the ``fastseg-eval`` console script; returns the exit code.
+
+    SIGTERM is handled like Ctrl-C (SIGINT): the run stops, nothing is written, one line says
+    so, and the exit code is 128 + the signal number (130, 143).
+    """
+    from .interrupts import terminate_as_interrupt
+
+    with terminate_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
@@ -573,11 +773,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         _error(f"{e} (see {PROG} --help)")
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (interrupts.Interrupted)
+        from .interrupts import exit_code, signal_name
+
         if debug:
             traceback.print_exc()
-        print(f"\n{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        name = signal_name(e)
+        after_echo = "\n" if _stderr_is_tty() else ""  # the terminal echoed ^C on the line
+        suffix = "" if name == "SIGINT" else f" ({name})"
+        print(f"{after_echo}{PROG}: interrupted{suffix}", file=sys.stderr)
+        return exit_code(e)
     except BrokenPipeError:  # e.g. `fastseg-eval ... | head`: stop quietly
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)

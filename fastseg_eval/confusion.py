@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FastSegError, InputError, LabelError, OptionError
+from .errors import FastSegError, InputError, LabelError, OptionError, option
 from .kernels import cpu
 from .kernels import prob as prob_kernels
+from .memory import check_label_space
 from .probability import ProbabilitySpec, make_spec
 
 DENSE_MAX = 1024
@@ -43,7 +44,8 @@ def label_view(a: np.ndarray, role: str) -> tuple[np.ndarray, int]:
     if dt.kind not in "iu":
         what = "floating-point" if dt.kind == "f" else f"{dt} (kind {dt.kind!r})"
         hint = (
-            " For probability maps pass threshold= (binary) or channel_axis= (argmax)."
+            f" For probability maps pass {option('threshold', '')} (binary) or "
+            f"{option('channel_axis', '')} (argmax)."
             if dt.kind == "f"
             else ""
         )
@@ -103,6 +105,10 @@ class ConfusionMatrix:
         Ground-truth voxels with this value are skipped (counted in :attr:`n_ignored`).
     dense_max : int
         Largest label count kept as a dense table; beyond it only the diagonal and marginals.
+    memory_limit : int or str, optional
+        Budget for the label space's tables and report (bytes or ``"8G"``); a fixed label space
+        that would not fit is refused before anything is allocated (see :mod:`fastseg_eval.memory`).
+        Default: ``FASTSEG_MEMORY_LIMIT`` or half the available memory. ``False`` skips the check.
 
     Examples
     --------
@@ -125,6 +131,7 @@ class ConfusionMatrix:
         thresholds: int | None = None,
         prob_scale: float | None = None,
         probability: ProbabilitySpec | None = None,
+        memory_limit: Any = None,
     ) -> None:
         self.ignore_label = _check_ignore(ignore_label)
         self.dense_max = int(dense_max)
@@ -145,6 +152,7 @@ class ConfusionMatrix:
             )  # fmt: skip
         self._prob = probability
         self.channel_axis = channel_axis
+        self._prob_max = float("-inf")  # largest value of float maps read with a scale (scale_mistake)
         if probability is not None:
             if num_classes is not None and num_classes != probability.channels:
                 raise OptionError(
@@ -155,6 +163,9 @@ class ConfusionMatrix:
             self._edges = probability.edges()
         self._config = (num_classes, None if labels is None else [int(x) for x in labels])
         self._poisoned: str | None = None
+        nlabels = len(labels) if labels is not None else _check_num_classes(num_classes)
+        if nlabels is not None and memory_limit is not False:  # refuse what cannot fit, before allocating
+            check_label_space(nlabels, dense_max=self.dense_max, memory_limit=memory_limit)
         fixed = _fixed_labels(num_classes, labels, self.ignore_label)
         self._fixed = fixed is not None
         nfixed = 0 if fixed is None else len(fixed)
@@ -307,6 +318,8 @@ class ConfusionMatrix:
             raise InputError(f"pred has dtype {prob.dtype}: not a probability map")
         if not prob.dtype.isnative:
             prob = prob.astype(prob.dtype.newbyteorder("="))
+        if spec.scale != 1.0 and prob.dtype.kind == "f" and prob.size:  # fmax: NaN is skipped
+            self._prob_max = max(self._prob_max, float(np.fmax.reduce(prob, axis=None)))
         out = np.empty(gt.shape, dtype=np.uint8 if spec.channels <= 256 else np.uint16)
         gv, _ = label_view(gt, "gt")
         ignore, has_ignore = _ignore_bits(self.ignore_label, gt.dtype)
@@ -331,14 +344,17 @@ class ConfusionMatrix:
                 value = float(fstate[0])
                 where = f" at voxel {full}" + ("" if channel is None else f", channel {channel}")
                 hint = (
-                    "; if they are scaled integers pass prob_scale (e.g. 255)"
+                    f"; if they are scaled integers pass {option('prob_scale')} (e.g. 255)"
                     if spec.scale == 1.0 and prob.dtype.kind != "f"
                     else ""
                 )
-                msg = (
-                    f"pred has probability {value:g}{where}: a probability map must hold values in [0, 1] "
-                    f"(NaN is not allowed){hint}"
+                read = (
+                    f"probability {value:g}{where}"
+                    if spec.scale == 1.0
+                    else f"value {value:g}{where}, which {option('prob_scale', f'{spec.scale:g}')} reads as "
+                    f"probability {value / spec.scale:g}"
                 )
+                msg = f"pred has {read}: a probability map must hold values in [0, 1] (NaN is not allowed){hint}"
                 self._poisoned = msg
                 raise LabelError(msg, role="pred", value=value, position=full)
         return out
@@ -449,7 +465,7 @@ class ConfusionMatrix:
         num_classes, labels = self._config
         return ConfusionMatrix(
             num_classes, labels=labels, ignore_label=self.ignore_label, dense_max=self.dense_max,
-            probability=self._prob, channel_axis=self.channel_axis,
+            probability=self._prob, channel_axis=self.channel_axis, memory_limit=False,
         )  # fmt: skip
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
@@ -500,6 +516,7 @@ class ConfusionMatrix:
             self._state[slot] += other._state[slot]
         if self._prob is not None:
             self._hist += other._hist
+            self._prob_max = max(self._prob_max, other._prob_max)
         return self
 
     def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
@@ -641,16 +658,18 @@ class ConfusionMatrix:
             "probability": self._prob,
             "channel_axis": self.channel_axis,
             "hist": self._hist if self._prob is not None else None,
+            "prob_max": self._prob_max,
         }
 
     def __setstate__(self, st: dict[str, Any]) -> None:
         num_classes, labels = st["config"]
         self.__init__(
             num_classes, labels=labels, ignore_label=st["ignore_label"], dense_max=st["dense_max"],
-            probability=st["probability"], channel_axis=st["channel_axis"],
+            probability=st["probability"], channel_axis=st["channel_axis"], memory_limit=False,
         )  # fmt: skip
         if st["hist"] is not None:
             self._hist += st["hist"]
+        self._prob_max = st.get("prob_max", self._prob_max)
         keys = st["keys"]
         idx = self._add_keys(keys).astype(np.intp)
         if st["table"] is not None:
@@ -763,16 +782,27 @@ def _check_ignore(ignore_label: Any) -> int | None:
     return int(ignore_label)
 
 
-def _is_range(labels: list[int]) -> bool:
+def _is_range(labels: Any) -> bool:
+    if isinstance(labels, np.ndarray):
+        return bool(np.array_equal(labels, np.arange(len(labels), dtype=labels.dtype)))
     return all(v == i for i, v in enumerate(labels))
 
 
-def _fixed_labels(num_classes: Any, labels: Any, ignore_label: int | None) -> list[int] | None:
+def _check_num_classes(num_classes: Any) -> int | None:
+    if num_classes is None:
+        return None
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise OptionError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return int(num_classes)
+
+
+def _fixed_labels(num_classes: Any, labels: Any, ignore_label: int | None) -> Any:
     if num_classes is not None and labels is not None:
         labels = [int(x) for x in labels]
         if len(labels) != num_classes:
             raise OptionError(
-                f"num_classes={num_classes} but {len(labels)} labels were given; pass one of them"
+                f"{option('num_classes', num_classes)} but {option('labels')} has {len(labels)} labels; "
+                "pass one of them"
             )
     if labels is not None:
         explicit = num_classes is None
@@ -792,13 +822,12 @@ def _fixed_labels(num_classes: Any, labels: Any, ignore_label: int | None) -> li
             raise OptionError("labels is empty; give at least one label")
         if explicit and ignore_label is not None and ignore_label in out:
             raise OptionError(
-                f"ignore_label {ignore_label} is also listed in labels; remove it from one of them"
+                f"{option('ignore_label')} {ignore_label} is also listed in {option('labels')}; "
+                "remove it from one of them"
             )
         return out
     if num_classes is not None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise OptionError(f"num_classes must be a positive integer, got {num_classes!r}")
-        return list(range(int(num_classes)))
+        return np.arange(_check_num_classes(num_classes), dtype=np.uint64)
     return None
 
 
@@ -807,20 +836,24 @@ def _label_message(role: str, value: int, position: tuple[int, ...] | None, acc:
     if value < 0:
         why = "negative labels cannot be counted"
         if role == "gt":
-            why += "; if it marks voxels to skip, pass ignore_label=" + str(value)
+            why += f"; if it marks voxels to skip, pass {option('ignore_label', value)}"
     elif acc._config[1] is not None:
-        why = f"it is not among the given labels; add it to labels or, in gt, pass ignore_label={value}"
+        why = (
+            f"it is not among the given labels; add it to {option('labels')} or, in gt, "
+            f"pass {option('ignore_label', value)}"
+        )
     elif acc._config[0] is not None:
-        why = f"num_classes={acc._config[0]} allows 0..{acc._config[0] - 1}; raise num_classes"
+        k = acc._config[0]
+        why = f"{option('num_classes', k)} allows 0..{k - 1}; raise {option('num_classes')}"
         if role == "gt":
-            why += f" or pass ignore_label={value}"
+            why += f" or pass {option('ignore_label', value)}"
     else:
         why = "it cannot be counted"
     return f"{role} has label {value}{where}: {why}"
 
 
 # small numba helpers for Python-side label bookkeeping ----------------------------------------
-from numba import njit  # noqa: E402
+from .kernels.jit import njit  # noqa: E402  (numba.njit, on-disk cache outside the package)
 
 
 @njit(cache=True)

@@ -14,12 +14,128 @@ import numpy as np
 
 from . import metrics as M
 from ._version import __version__
-from .probability import curves
+from .errors import Message, option
+from .probability import curves, scale_mistake
 
 if TYPE_CHECKING:
     from .confusion import ConfusionMatrix
 
 COUNT_KEYS = ("tp", "fp", "fn", "tn", "support", "predicted")
+WARN_LABELS = 20
+"""Labels named one per warning line for each kind of warning; more are summarised in one line."""
+
+PER_CLASS_LIMIT = 10_000
+"""Reports (JSON, CSV, table) list at most this many labels one by one unless asked for more;
+past it they keep the labels that occur, largest first. Means and overall figures are exact."""
+
+
+PER_CLASS_DICT_MAX = 10_000
+"""Up to this many labels ``per_class`` is a plain dict of dicts; beyond it a :class:`PerClass`."""
+
+
+class PerClass(Mapping):
+    """``{label: {"tp", "fp", ..., <metrics>}}``, each row built on access from count arrays.
+
+    A million labels cost a few arrays, not a million dicts. ``column(name)`` gives one count
+    or metric for every label at once, in the order of ``labels``.
+    """
+
+    def __init__(self, labels: np.ndarray, columns: dict[str, np.ndarray], metrics: Sequence[str]):
+        self._labels = np.asarray(labels)
+        self._columns = columns
+        self._metrics = list(metrics)
+        self._index: dict[int, int] | None = None
+
+    def _position(self, label: Any) -> int:
+        if self._index is None:
+            self._index = {lab: i for i, lab in enumerate(self._labels.tolist())}
+        key = label
+        if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+            key = int(label)
+        elif isinstance(label, np.integer):
+            key = int(label)
+        if isinstance(key, bool) or not isinstance(key, int) or key not in self._index:
+            raise KeyError(label)
+        return self._index[key]
+
+    def __getitem__(self, label: Any) -> dict[str, Any]:
+        i = self._position(label)
+        row: dict[str, Any] = {k: int(self._columns[k][i]) for k in COUNT_KEYS}
+        row.update({m: float(self._columns[m][i]) for m in self._metrics})
+        return row
+
+    def __contains__(self, label: Any) -> bool:
+        try:
+            self._position(label)
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self):
+        return iter(self._labels.tolist())
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def column(self, name: str) -> np.ndarray:
+        """One count or metric for every label, in label order."""
+        return self._columns[name]
+
+    def largest(self, limit: int | None) -> list[int]:
+        """Labels to list one by one: all of them within ``limit``, else the occurring ones, largest first
+        (support + predicted), at most ``limit``, in label order."""
+        if limit is None or limit <= 0 or len(self) <= limit:
+            return self._labels.tolist()
+        size = self._columns["support"] + self._columns["predicted"]
+        order = np.lexsort((np.arange(len(size)), -size))[:limit]
+        order = order[size[order] > 0]
+        return self._labels[np.sort(order)].tolist()
+
+    def __repr__(self) -> str:
+        return f"PerClass({len(self)} labels)"
+
+
+class LabelDict(dict):
+    """A dict keyed by integer label that also takes a label's JSON spelling: ``d["1"]`` is ``d[1]``.
+
+    Keys given as digit strings are stored as ints; a key that is no label raises ``KeyError``
+    naming it.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, items: Any = (), /) -> None:
+        pairs = items.items() if isinstance(items, Mapping) else items
+        super().__init__((_label_key(k), v) for k, v in pairs)
+
+    def __missing__(self, key: Any) -> Any:
+        k = _label_key(key)
+        if k is not key and dict.__contains__(self, k):
+            return dict.__getitem__(self, k)
+        shown = ", ".join(map(str, list(self)[:10])) + (", ..." if len(self) > 10 else "")
+        raise KeyError(f"label {key!r} is not among the labels here ({shown})")
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, _label_key(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return dict.get(self, _label_key(key), default)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        dict.__setitem__(self, _label_key(key), value)
+
+    def __reduce__(self):
+        return (LabelDict, (dict(self),))
+
+
+def _label_key(key: Any) -> Any:
+    """``"1"`` or ``numpy.int64(1)`` -> ``1``; anything else unchanged."""
+    if isinstance(key, str):
+        text = key.strip()
+        return int(text) if text.lstrip("-").isdigit() else key
+    if isinstance(key, np.integer):
+        return int(key)
+    return key
 
 
 @dataclass
@@ -33,7 +149,7 @@ class EvaluationResult:
 
     labels: np.ndarray
     confusion_matrix: np.ndarray | None
-    per_class: dict[int, dict[str, Any]]
+    per_class: Mapping[int, dict[str, Any]]
     mean: dict[str, Any]
     foreground_mean: dict[str, Any]
     micro: dict[str, float]
@@ -48,7 +164,29 @@ class EvaluationResult:
     label_names: dict[int, str] | None = None
     warnings: list[str] = field(default_factory=list)
     timing: dict[str, Any] = field(default_factory=dict)
-    curves: dict[str, Any] | None = None
+    curves: dict[int, Any] | None = None
+    per_class_limit: int | None = PER_CLASS_LIMIT
+    class_table: PerClass | None = field(default=None, repr=False, compare=False)
+    """The per-class counts and metrics as arrays (``column(name)``), when built from counts."""
+
+    def __post_init__(self) -> None:
+        # one key type: int labels, found by their JSON spelling too ("1"), whoever built the result
+        if isinstance(self.per_class, dict) and not isinstance(self.per_class, LabelDict):
+            self.per_class = LabelDict(self.per_class)
+        if self.curves is not None and not isinstance(self.curves, LabelDict):
+            self.curves = LabelDict(self.curves)
+
+    def reported_labels(self) -> list[int]:
+        """The labels the reports list one by one (see :data:`PER_CLASS_LIMIT`)."""
+        table = self.class_table if self.class_table is not None else self.per_class
+        if isinstance(table, PerClass):
+            return table.largest(self.per_class_limit)
+        labels, limit = list(self.per_class), self.per_class_limit
+        if limit is None or limit <= 0 or len(labels) <= limit:
+            return labels
+        size = {lab: self.per_class[lab]["support"] + self.per_class[lab]["predicted"] for lab in labels}
+        keep = set(sorted((lab for lab in labels if size[lab] > 0), key=lambda lab: (-size[lab], lab))[:limit])
+        return [lab for lab in labels if lab in keep]
 
     # -------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -57,8 +195,11 @@ class EvaluationResult:
             "fastseg_eval_version": __version__,
             "inputs": self.inputs,
             "options": self.options,
-            "labels": [int(x) for x in self.labels],
+            "labels": np.asarray(self.labels),
         }
+        shown = self.reported_labels()
+        if len(shown) < len(self.per_class):
+            d["per_class_omitted"] = len(self.per_class) - len(shown)
         if self.label_names:
             d["label_names"] = {str(k): v for k, v in self.label_names.items()}
         d.update(
@@ -66,8 +207,8 @@ class EvaluationResult:
                 "n_voxels": self.n_voxels,
                 "n_ignored": self.n_ignored,
                 "n_masked": self.n_masked,
-                "confusion_matrix": None if self.confusion_matrix is None else self.confusion_matrix.tolist(),
-                "per_class": {str(k): v for k, v in self.per_class.items()},
+                "confusion_matrix": self.confusion_matrix,
+                "per_class": {str(k): self.per_class[k] for k in shown},
                 "mean": self.mean,
                 "foreground_mean": self.foreground_mean,
                 "micro": self.micro,
@@ -90,18 +231,38 @@ class EvaluationResult:
         return text
 
     def to_csv(self, path: str | None = None) -> str:
-        """CSV text, one row per class: label, name, counts, then every selected metric."""
+        """CSV text: label, name, counts, then every selected metric; one row per class, then the means.
+
+        The means follow the classes, one row each, labelled as in the JSON report (``mean``,
+        ``foreground_mean``, ``micro``, ``weighted``) and named as in the table; their counts are empty.
+        """
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["label", "name", *COUNT_KEYS, *self.metrics])
-        for lab, row in self.per_class.items():
+        for lab in self.reported_labels():
+            row = self.per_class[lab]
             name = (self.label_names or {}).get(lab, "")
             w.writerow([lab, name, *(row[k] for k in COUNT_KEYS), *(_csv_num(row[m]) for m in self.metrics)])
+        for key, title, d in self._mean_rows():
+            w.writerow(
+                [key, title, *("" for _ in COUNT_KEYS), *(_csv_num(d.get(m, "")) for m in self.metrics)]
+            )
         text = buf.getvalue()
         if path is not None:
             with open(path, "w", encoding="utf-8", newline="") as fh:
                 fh.write(text)
         return text
+
+    def _mean_rows(self) -> list[tuple[str, str, Mapping[str, Any]]]:
+        """(JSON key, table title, values) of the means below the classes."""
+        bg = (self.options or {}).get("background_label")
+        fg = bg is not None and any(int(x) == bg for x in self.labels)
+        return [
+            ("mean", "mean", self.mean),
+            ("foreground_mean", "fg mean" if fg else "mean", self.foreground_mean),
+            ("micro", "fg micro" if fg else "micro", self.micro),
+            ("weighted", "weighted", self.weighted),
+        ]
 
     def to_table(self, *, color: bool = False, metrics: Sequence[str] | None = None) -> str:
         """A plain-text table for people (fits 80 columns with the default metrics)."""
@@ -130,6 +291,8 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
+        if x.dtype.kind in "iub":  # plain ints already: no walk over a million elements
+            return x.tolist()
         return _jsonable(x.tolist())
     if isinstance(x, (np.integer,)):
         return int(x)
@@ -154,8 +317,13 @@ def result_from_counts(
     options: dict[str, Any] | None = None,
     timing: dict[str, Any] | None = None,
     warnings: Sequence[str] = (),
+    per_class_limit: int | None = PER_CLASS_LIMIT,
 ) -> EvaluationResult:
-    """Derive every metric from an accumulator's counts."""
+    """Derive every metric from an accumulator's counts.
+
+    ``per_class_limit`` caps the labels the reports list one by one (None or 0: all of them);
+    ``per_class`` itself always answers for every label.
+    """
     M.check_empty(empty)
     check_metric_options(tversky_alpha, tversky_beta, smooth)
     names = M.resolve_metrics(metrics)
@@ -166,11 +334,11 @@ def result_from_counts(
     opts = {"tversky_alpha": tversky_alpha, "tversky_beta": tversky_beta, "smooth": smooth, "empty": empty}
     values = M.compute(names, counts["tp"], counts["fp"], counts["fn"], counts["tn"], **opts)
 
-    per_class: dict[int, dict[str, Any]] = {}
-    for i, lab in enumerate(labels.tolist()):
-        row: dict[str, Any] = {k: int(counts[k][i]) for k in COUNT_KEYS}
-        row.update({name: float(values[name][i]) for name in names})
-        per_class[int(lab)] = row
+    columns = {k: np.asarray(counts[k], dtype=np.int64) for k in COUNT_KEYS}
+    columns.update({name: np.asarray(values[name], dtype=np.float64) for name in names})
+    table = PerClass(labels, columns, names)
+    # a plain dict (JSON-ready, as users expect) unless the label space is too large for one
+    per_class: Mapping[int, dict[str, Any]] = LabelDict(table.items()) if len(table) <= PER_CLASS_DICT_MAX else table
 
     all_classes = np.ones(len(labels), dtype=bool)
     fg = labels != background_label if background_label is not None else all_classes
@@ -207,12 +375,26 @@ def result_from_counts(
         inputs=dict(inputs or {}),
         label_names={int(k): str(v) for k, v in label_names.items()} if label_names else None,
         timing=dict(timing or {}),
+        per_class_limit=per_class_limit,
+        class_table=table,
     )
     spec = acc._prob
     if spec is not None and spec.bins:
         curve_labels = [1] if spec.mode == "threshold" else list(range(spec.channels))
-        res.curves = curves(acc._hist, spec, curve_labels)
+        res.curves = LabelDict(curves(acc._hist, spec, curve_labels))
     res.warnings = [*warnings, *diagnose(res, counts, background_label)]
+    mistake = scale_mistake(spec, acc._prob_max)  # evaluate() refuses it; a streaming result warns
+    if mistake:
+        res.warnings.append(Message(mistake))
+    shown = res.reported_labels()
+    if len(shown) < len(labels):
+        res.warnings.append(
+            Message(
+                f"{len(labels):,} labels: the reports list {len(shown):,} of them one by one (those that "
+                f"occur, largest first); means and overall figures cover all. Pass "
+                f"{option('per_class_limit', 0)} to list every label"
+            )
+        )
     if not acc.is_dense:
         res.warnings.append(
             f"{len(labels)} labels: kept the diagonal and marginals only (no full matrix); "
@@ -226,7 +408,19 @@ def check_metric_options(tversky_alpha: float, tversky_beta: float, smooth: floa
 
     for name, v in (("tversky_alpha", tversky_alpha), ("tversky_beta", tversky_beta), ("smooth", smooth)):
         if not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v) or v < 0:
-            raise OptionError(f"{name} must be a finite number >= 0, got {v!r}")
+            raise OptionError(f"{option(name)} must be a finite number >= 0, got {v!r}")
+
+
+def _void_values(gt_input: Mapping[str, Any] | None) -> set[int]:
+    """Ground-truth values that usually mark void voxels: 255, and the largest value of gt's dtype."""
+    out = {255}
+    try:
+        dt = np.dtype((gt_input or {}).get("dtype"))
+    except TypeError:
+        return out
+    if dt.kind in "iu":
+        out.add(int(np.iinfo(dt).max))
+    return out
 
 
 def _labels_from(acc: ConfusionMatrix) -> str:
@@ -244,31 +438,75 @@ def diagnose(res: EvaluationResult, counts: dict[str, np.ndarray], background_la
     labels = [int(x) for x in res.labels]
     n = res.n_voxels
     if n == 0:
-        out.append("no voxel was counted (everything ignored or masked out): every metric is undefined")
+        shape = (res.inputs.get("gt") or {}).get("shape")
+        if shape is not None and math.prod(shape) == 0:
+            out.append(
+                f"the volumes hold no voxels (shape {'x'.join(map(str, shape))}): there is nothing to "
+                "evaluate and every metric is undefined"
+            )
+        elif res.n_ignored or res.n_masked:
+            out.append(
+                f"no voxel was counted ({res.n_ignored:,} ignored, {res.n_masked:,} masked out): every "
+                "metric is undefined"
+            )
+        else:
+            out.append("no voxel was counted: every metric is undefined")
         return out
-    support, predicted = counts["support"], counts["predicted"]
-    for i, lab in enumerate(labels):
-        if support[i] == 0 and predicted[i] > 0:
-            out.append(
-                f"label {lab} is absent from the ground truth but predicted in {int(predicted[i])} voxels "
-                "(precision 0, recall undefined)"
-            )
-        elif support[i] > 0 and predicted[i] == 0:
-            out.append(
-                f"label {lab} is in the ground truth ({int(support[i])} voxels) but never predicted (recall 0)"
-            )
-    ignore = res.options.get("ignore_label")
-    if ignore is not None and ignore in labels:
-        i = labels.index(ignore)
+    support, predicted = np.asarray(counts["support"]), np.asarray(counts["predicted"])
+    labels_arr = np.asarray(res.labels)
+    voids = _void_values((res.inputs or {}).get("gt"))
+    # one line per label up to WARN_LABELS of each kind, then one summary line (a million
+    # discovered ids must not give a million warnings)
+    pred_only = np.flatnonzero((support == 0) & (predicted > 0))
+    for i in pred_only[:WARN_LABELS].tolist():
         out.append(
-            f"the prediction holds the ignore label {ignore} in {int(predicted[i])} counted voxels; "
-            "ignore_label only skips ground-truth voxels, so it is counted as a predicted label there"
+            f"label {int(labels_arr[i])} is absent from the ground truth but predicted in {int(predicted[i])} "
+            "voxels (precision 0, recall undefined)"
         )
-    absent = [lab for i, lab in enumerate(labels) if support[i] == 0 and predicted[i] == 0]
-    if absent:
-        shown = ", ".join(map(str, absent[:10])) + (", ..." if len(absent) > 10 else "")
+    if len(pred_only) > WARN_LABELS:
         out.append(
-            f"{len(absent)} label(s) appear in neither volume ({shown}): their metrics follow empty={res.options['empty']!r}"
+            f"... and {len(pred_only) - WARN_LABELS:,} more labels absent from the ground truth but predicted "
+            f"({len(pred_only):,} in all)"
+        )
+    gt_only = np.flatnonzero((support > 0) & (predicted == 0))
+    void_first = sorted(gt_only.tolist(), key=lambda i: int(labels_arr[i]) not in voids)[:WARN_LABELS]
+    for i in sorted(void_first):
+        lab = int(labels_arr[i])
+        void = f"; if {lab} marks voxels to skip (void), pass {option('ignore_label', lab)}" if lab in voids else ""
+        out.append(
+            Message(
+                f"label {lab} is in the ground truth ({int(support[i])} voxels) but never predicted "
+                f"(recall 0){void}"
+            )
+        )
+    if len(gt_only) > WARN_LABELS:
+        out.append(
+            f"... and {len(gt_only) - WARN_LABELS:,} more labels in the ground truth but never predicted "
+            f"({len(gt_only):,} in all)"
+        )
+    ignore = res.options.get("ignore_label")
+    quiet_ignore = False  # the ignore label in the label space, never predicted: nothing to say about it
+    where = np.flatnonzero(labels_arr == ignore) if ignore is not None and 0 <= ignore < 2**64 else []
+    if len(where):
+        i = int(where[0])
+        quiet_ignore = predicted[i] == 0 and res.options.get("empty") == "nan"
+        if predicted[i] > 0:
+            out.append(
+                Message(
+                    f"the prediction holds the ignore label {ignore} in {int(predicted[i])} counted voxels; "
+                    f"{option('ignore_label')} only skips ground-truth voxels, so it is counted as a predicted "
+                    "label there"
+                )
+            )
+    absent_mask = (support == 0) & (predicted == 0)
+    if quiet_ignore:
+        absent_mask &= labels_arr != ignore
+    absent = labels_arr[np.flatnonzero(absent_mask)[:11]].tolist()
+    n_absent = int(np.count_nonzero(absent_mask))
+    if n_absent:
+        shown = ", ".join(map(str, absent[:10])) + (", ..." if n_absent > 10 else "")
+        out.append(
+            f"{n_absent} label(s) appear in neither volume ({shown}): their metrics follow empty={res.options['empty']!r}"
         )
     acc_all = res.overall.get("accuracy", float("nan"))
     fg_iou = res.foreground_mean.get("iou")

@@ -7,13 +7,16 @@ full-resolution level is chosen unless ``level`` says otherwise.
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, option
 
 ROLES = {"pred": "prediction", "gt": "ground truth", "mask": "mask"}
 
@@ -69,6 +72,21 @@ class Volume:
         if self.kind == "dask":
             chunks = [list(c) for c in self.array.chunks]
         return {"source": self.source, "shape": list(self.shape), "dtype": str(self.dtype), "chunks": chunks}
+
+    def missing_chunks(self) -> tuple[int, int] | None:
+        """(chunks not stored, chunks in all) of a zarr array, None for other inputs.
+
+        A chunk that was never written (zarr skips chunks equal to the fill value) reads as the
+        fill value; reports say how many there were. For sharded arrays the count is of shards'
+        chunks as zarr-python counts them. Listing the store costs one directory walk.
+        """
+        if self.kind != "zarr":
+            return None
+        try:
+            total = int(self.array.nchunks)
+            return total - int(self.array.nchunks_initialized), total
+        except Exception:  # a store that cannot be listed: say nothing rather than guess
+            return None
 
     def read(self, region: tuple[slice, ...], *, reuse: bool = False) -> np.ndarray:
         """Voxels of ``region`` (spatial) as a numpy array (a view for numpy inputs).
@@ -169,10 +187,14 @@ def _zarr_volume(arr, role, source, url, key, storage_options) -> Volume:
 
 
 def _split_zip(path: str) -> tuple[str, str] | None:
-    """``("a/b.zip", "inner/key")`` for ``a/b.zip/inner/key``; None if no component ends in .zip."""
+    """``("a/b.zip", "inner/key")`` for ``a/b.zip/inner/key``; None if no component ends in .zip.
+
+    A component ending in ``.zip`` that is a directory (a directory store named ``x.zip``, or a
+    folder ``run.zip/`` holding stores) is a path component like any other.
+    """
     parts = path.replace("\\", "/").split("/")
     for i, part in enumerate(parts):
-        if part.lower().endswith(".zip"):
+        if part.lower().endswith(".zip") and not os.path.isdir("/".join(parts[: i + 1]) or "/"):
             return "/".join(parts[: i + 1]), "/".join(parts[i + 1 :])
     return None
 
@@ -205,6 +227,11 @@ def _open_path(
             store = zarr.storage.FsspecStore.from_url(path, storage_options=storage_options, read_only=True)
         else:
             if not os.path.exists(local):
+                if os.path.islink(local) or _is_symlink_loop(local):
+                    raise InputError(
+                        f"{label}: {local} is a symbolic link whose target does not exist or loops back "
+                        f"on itself ({_link_chain(local)}); point it at the zarr store"
+                    )
                 raise InputError(f"{label}: no such file or directory: {local}")
             if os.path.isfile(local):
                 raise InputError(
@@ -236,6 +263,37 @@ def _open_path(
             inner = "/".join(p for p in (inner, sub) if p)
             source = f"{source}/{sub}" if "::" not in source else f"{source}/{sub}"
     return _zarr_volume(node, role, source, path, inner or None, storage_options)
+
+
+def _is_symlink_loop(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def _link_chain(path: str) -> str:
+    """``a -> b -> a`` (at most a few steps) for a message about a broken or looping link."""
+    chain, seen, cur = [path], {path}, path
+    while os.path.islink(cur) and len(chain) < 6:
+        cur = os.path.join(os.path.dirname(cur), os.readlink(cur))
+        chain.append(cur)
+        if cur in seen:
+            break
+        seen.add(cur)
+    return " -> ".join(chain)
+
+
+def _member(group: Any, name: str, label: str, source: str, what: str) -> Any:
+    """``group[name]``, or one clear error when the metadata names a member the store lacks."""
+    try:
+        return group[name]
+    except KeyError:
+        raise InputError(
+            f"{label}: {source} lists {what} {name!r} in its metadata, but {source}/{name} does not exist; "
+            "the store is incomplete (copy it again) or its metadata is wrong"
+        ) from None
 
 
 def _ome_multiscales(attrs: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -274,8 +332,9 @@ def _resolve_group(
         if names is not None:
             if len(names) == 1:
                 arr, sub = _resolve_group(
-                    group["labels"][names[0]], role, f"{source}/labels/{names[0]}", None, level
-                )
+                    _member(group["labels"], names[0], label, f"{source}/labels", "the label image"),
+                    role, f"{source}/labels/{names[0]}", None, level,
+                )  # fmt: skip
                 return arr, f"labels/{names[0]}/{sub}"
             raise InputError(
                 f"{label}: {source} is an OME-Zarr image with {len(names)} label images ({', '.join(names)}); "
@@ -300,13 +359,15 @@ def _resolve_group(
             chosen = str(level)
         else:
             raise InputError(f"{label}: level {level!r} is not one of {paths} in {source}")
-        node = group[chosen]
+        node = _member(group, chosen, label, source, "the multiscale level")
         if not isinstance(node, zarr.Array):
             raise InputError(f"{label}: {source}/{chosen} (a multiscale level) is not an array")
         return node, chosen
     if names is not None:  # the labels group itself
         if len(names) == 1:
-            arr, sub = _resolve_group(group[names[0]], role, f"{source}/{names[0]}", None, level)
+            arr, sub = _resolve_group(
+                _member(group, names[0], label, source, "the label image"), role, f"{source}/{names[0]}", None, level
+            )
             return arr, f"{names[0]}/{sub}"
         raise InputError(
             f"{label}: {source} holds {len(names)} label images ({', '.join(names)}); address one, e.g. {source}/{names[0]}"
@@ -331,6 +392,17 @@ def check_volumes(
 ) -> None:
     """Shapes and dtypes that can be counted together; raises :class:`InputError` otherwise."""
     ps = pred_shape if pred_shape is not None else pred.shape
+    gs = tuple(gt.shape)
+    channel_axes = [
+        a for a in range(len(ps)) if pred_shape is None and tuple(ps[:a]) + tuple(ps[a + 1 :]) == gs
+    ]
+    if channel_axes:  # one axis more than gt: a per-class probability map read as labels
+        a = channel_axes[0]
+        raise InputError(
+            f"prediction shape {ps} ({pred.source}) has one axis more than ground-truth shape {gt.shape} "
+            f"({gt.source}): if pred holds one probability per class along axis {a}, pass "
+            f"{option('channel_axis', a)}"
+        )
     if ps != gt.shape:
         raise InputError(
             f"prediction shape {ps} ({pred.source}) differs from ground-truth shape {gt.shape} ({gt.source}); "
@@ -339,7 +411,8 @@ def check_volumes(
     for v in (gt, pred) if pred_shape is None else (gt,):
         if v.dtype.kind not in "iub":
             hint = (
-                " For probability maps pass threshold= (binary) or channel_axis= (argmax)."
+                f" For probability maps pass {option('threshold', '')} (binary) or "
+                f"{option('channel_axis', '')} (argmax)."
                 if v.dtype.kind == "f" and v.role == "pred"
                 else ""
             )
@@ -355,3 +428,41 @@ def check_volumes(
             raise InputError(
                 f"mask ({mask.source}) has dtype {mask.dtype}: a mask must be bool or integer (nonzero = count)"
             )
+
+
+def check_chunks(vols: Sequence[Volume | None], workers: int, memory_limit: Any = None) -> None:
+    """Chunk grids that can be read: no zero-length chunk axis, and chunks that fit in memory.
+
+    Each worker decodes whole chunks (pred, gt and mask at once, plus a chunk cache on
+    misaligned grids), so a chunk of several GiB cannot be read by any number of workers; the
+    message says so instead of running out of memory half-way.
+    """
+    from .memory import format_bytes, memory_budget
+
+    need = 0
+    for v in vols:
+        if v is None or v.kind != "zarr":
+            continue
+        chunks = v.chunks or ()
+        if any(c <= 0 for c in chunks):
+            raise InputError(
+                f"{v.role} ({v.source}) has chunk shape {tuple(chunks)} in its metadata: every chunk axis "
+                "must be at least 1; the array's metadata is corrupt"
+            )
+        need += 2 * math.prod(chunks) * v.dtype.itemsize  # a decoded chunk and a region buffer
+    budget, origin = memory_budget(memory_limit)
+    if need and need * max(workers, 1) > budget:
+        shapes = ", ".join(
+            f"{v.role} {'x'.join(map(str, v.chunks or ()))} {v.dtype}" for v in vols if v is not None and v.kind == "zarr"
+        )
+        if need > budget:
+            what = "even one worker cannot decode them; rechunk the store to smaller chunks (e.g. 128^3)"
+        else:
+            what = (
+                f"use at most {budget // need} {option('workers')} or rechunk the store to smaller chunks (e.g. 128^3)"
+            )
+        raise InputError(
+            f"the chunks ({shapes}) need about {format_bytes(need)} per worker to decode; with {workers} "
+            f"worker(s) that exceeds the memory budget of {format_bytes(budget)} ({origin}): {what}, or raise "
+            f"{option('memory_limit', '')}"
+        )

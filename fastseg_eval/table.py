@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -49,10 +50,26 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 2, 1)] + ".."
 
 
+def printable(text: str) -> str:
+    """``text`` with control and format characters escaped (``\\n``, ``\\x1b``, ``\\u202e``).
+
+    Label names and paths come from users and files: a newline or an escape sequence in one
+    must not break the table's rows or drive the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs")
+        else ch
+        for ch in text
+    )
+
+
 def label_text(lab: int, names: dict[int, str] | None) -> str:
-    """``"1 liver"`` when label 1 has a name, else ``"1"``."""
+    """``"1 liver"`` when label 1 has a name, else ``"1"`` (the name made :func:`printable`)."""
     names = names or {}
-    return f"{lab} {names[lab]}" if lab in names else str(lab)
+    return f"{lab} {printable(str(names[lab]))}" if lab in names else str(lab)
 
 
 def table_columns(res: EvaluationResult, metrics: Sequence[str] | None) -> list[str]:
@@ -64,12 +81,13 @@ def table_columns(res: EvaluationResult, metrics: Sequence[str] | None) -> list[
 
 
 def _shown_rows(res: EvaluationResult, max_rows: int) -> tuple[list[int], int]:
-    labels = list(res.per_class)
+    labels = res.reported_labels()
+    total = len(res.per_class)
     if max_rows <= 0 or len(labels) <= max_rows:
-        return labels, 0
-    size = {lab: row["support"] + row["predicted"] for lab, row in res.per_class.items()}
+        return labels, total - len(labels)
+    size = {lab: res.per_class[lab]["support"] + res.per_class[lab]["predicted"] for lab in labels}
     keep = set(sorted(labels, key=lambda lab: (-size[lab], lab))[:max_rows])
-    return [lab for lab in labels if lab in keep], len(labels) - len(keep)
+    return [lab for lab in labels if lab in keep], total - len(keep)
 
 
 def _n_label(title: str, d: dict[str, Any], cols: Sequence[str]) -> str:
@@ -119,7 +137,7 @@ def format_table(
     # ---------------------------------------------------------------- inputs
     def describe(role: str) -> str:
         d = res.inputs.get(role) or {}
-        src = d.get("source", "?")
+        src = printable(str(d.get("source", "?")))
         extra = []
         if d.get("dtype"):
             extra.append(str(d["dtype"]))
@@ -127,7 +145,9 @@ def format_table(
             extra.append("x".join(str(s) for s in d["shape"]))
         if not extra or str(d.get("dtype")) in str(src):  # numpy / dask sources describe themselves
             return str(src)
-        return f"{src}  [{' '.join(extra)}]"
+        missing = d.get("chunks_missing")
+        note = f"; {missing:,} chunks not stored, read as fill value {d.get('fill_value')}" if missing else ""
+        return f"{src}  [{' '.join(extra)}{note}]"
 
     lines.append(f"prediction   (PRED): {describe('pred')}")
     lines.append(f"ground truth (GT):   {describe('gt')}")
@@ -187,8 +207,12 @@ def format_table(
     if hidden:
         lines.extend(
             textwrap.wrap(
-                f"... {_count(hidden)} more labels not shown (the smallest); --max-rows 0 shows all, "
-                "--format json/csv lists every label",
+                f"... {_count(hidden)} more labels not shown (the smallest); "
+                + (
+                    "--max-rows 0 shows all, --format json/csv lists every label"
+                    if len(res.reported_labels()) == len(res.per_class)
+                    else "--max-rows 0 --per-class-limit 0 shows all"
+                ),
                 width,
             )
         )
@@ -233,7 +257,7 @@ def format_table(
     if res.warnings:
         lines.append("")
         for w in res.warnings[: max(max_warnings, 0) or None]:
-            for piece in textwrap.wrap(f"warning: {w}", width, subsequent_indent="  "):
+            for piece in textwrap.wrap(f"warning: {w}", width, subsequent_indent="  ", break_on_hyphens=False):
                 lines.append(yellow(piece))
         extra = len(res.warnings) - max_warnings
         if max_warnings > 0 and extra > 0:

@@ -250,16 +250,18 @@ def test_zarr_v3_json_stdout_with_progress_and_matrix(stores, pair, tmp_path):
 
 
 def test_zarr_v2_csv_output_file_and_table(stores, pair, tmp_path):
-    """-o out.csv picks CSV from the extension (one row per class); the table still goes to stdout."""
+    """-o out.csv picks CSV from the extension (a row per class, then the means); the table goes to stdout."""
     pred, gt = pair
     out, mcsv = tmp_path / "report.csv", tmp_path / "cm.csv"
     r = run_cli(stores["pred_v2"], stores["gt_v2"], "-o", out, "--save-matrix", mcsv, "--label-names",
                 "1=liver,2=a rather long tumour name for the table,3=vessel")  # fmt: skip
     assert r.returncode == 0, r.stderr
     lines = out.read_text().splitlines()
-    assert len(lines) == 1 + K  # header + exactly one row per class
+    assert len(lines) == 1 + K + 4  # header + exactly one row per class + the four means
     header = lines[0].split(",")
-    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    rows = [dict(zip(header, line.split(","))) for line in lines[1 : 1 + K]]
+    means = [dict(zip(header, line.split(","))) for line in lines[1 + K :]]
+    assert [m["label"] for m in means] == ["mean", "foreground_mean", "micro", "weighted"]
     ref = ref_metrics(reference(pred, gt, range(K)))
     assert [int(r_["label"]) for r_ in rows] == list(range(K))
     for i, row in enumerate(rows):
@@ -489,7 +491,7 @@ def test_every_option_reaches_evaluate(monkeypatch, tmp_path):
         "--no-background", "--metrics", "f1,jaccard,tpr", "--backend", "cpu", "--workers", "3",
         "--scheduler", "tcp://127.0.0.1:8786", "--threshold", "0.4", "--channel-axis", "0", "--prob-scale", "255",
         "--sweep",
-        "--label-names", str(names), "--no-progress",
+        "--label-names", str(names), "--no-progress", "--memory-limit", "8G", "--per-class-limit", "7",
     ]  # fmt: skip
     with pytest.raises(_Captured):
         cli.run(cli.build_parser().parse_args(argv))
@@ -501,6 +503,7 @@ def test_every_option_reaches_evaluate(monkeypatch, tmp_path):
         "metrics": ["dice", "iou", "recall"], "label_names": {1: "liver", 2: "tumour"},
         "background_label": None, "pred_key": "labels/a", "gt_key": "labels/b", "mask_key": "roi",
         "level": 2, "storage_options": {"anon": True, "client_kwargs": {"region_name": "x"}, "profile": "dev"},
+        "memory_limit": "8G", "per_class_limit": 7,
     }  # fmt: skip
     args = cli.build_parser().parse_args(["p", "g", "--labels", "0-2,7", "--sweep", "11", "--level", "s0",
                                           "--background-label", "3", "--label-names", "1=a b,2=c"])  # fmt: skip
@@ -626,7 +629,7 @@ def test_save_matrix_without_full_matrix_fails_clearly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "no full matrix" in err
     assert not (tmp_path / "m.npy").exists()
-    assert len(out.read_text().splitlines()) == 1 + n  # the report itself was written
+    assert len(out.read_text().splitlines()) == 1 + n + 4  # the report itself was written (with the means)
 
 
 def test_parse_helpers():
