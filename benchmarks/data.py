@@ -461,7 +461,7 @@ def _op_decode_fast(pred: str, gt: str, workers: int) -> dict[str, Any]:
     """
     import zarr
 
-    from fastseg_eval.chunkread import chunk_reader
+    from fastseg_eval.io.chunkread import chunk_reader
 
     arrs = [zarr.open_array(pred, mode="r"), zarr.open_array(gt, mode="r")]
     readers = [chunk_reader(a, "x", "x") for a in arrs]

@@ -30,7 +30,7 @@ import fastseg_eval as fse
 def _why_no_gpu() -> str | None:
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         return "NUMBA_ENABLE_CUDASIM=1: the simulator is not a GPU"
-    from fastseg_eval.backends import cuda_status
+    from fastseg_eval.reducers.backends import cuda_status
 
     ok, why = cuda_status()
     return None if ok else why
@@ -76,7 +76,7 @@ def _on_device(*arrays):
 
 
 def _count_device(pred, gt, **space):
-    from fastseg_eval.kernels.cuda import count_device
+    from fastseg_eval.reducers.cuda import count_device
 
     return count_device(pred, gt, fse.ConfusionMatrix(**space))
 

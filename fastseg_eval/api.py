@@ -1,4 +1,10 @@
-"""The public functions: :func:`evaluate` and :func:`confusion_matrix`."""
+"""The public entry points: :func:`evaluate`, :func:`confusion_matrix` and :class:`ConfusionMatrix`.
+
+A thin shell over the layers below: open the inputs (:mod:`fastseg_eval.io`), build the
+reducers a run needs (:mod:`fastseg_eval.reducers`: the confusion counts on the CPU or the GPU),
+run them in one pass (:mod:`fastseg_eval.engine`) and derive the report
+(:mod:`fastseg_eval.report`).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics as M
-from .backends import resolve_backend
-from .confusion import DENSE_MAX, ConfusionMatrix
-from .engine import check_workers, count_into
-from .errors import FastSegError, OptionError
-from .memory import check_label_space
-from .probability import check_bins, make_spec, scale_mistake
-from .progress import ProgressBar
-from .report import PER_CLASS_LIMIT, EvaluationResult, check_metric_options
-from .sources import check_chunks, check_volumes, open_volume
+from fastseg_eval.engine import RunStats, check_workers, run_reducers
+from fastseg_eval.errors import FastSegError, OptionError
+from fastseg_eval.io.volume import Volume, check_chunks, check_volumes, open_volume
+from fastseg_eval.memory import check_label_space
+from fastseg_eval.metrics import formulas as M
+from fastseg_eval.progress import ProgressBar
+from fastseg_eval.reducers.backends import resolve_backend
+from fastseg_eval.reducers.confusion import DENSE_MAX, ConfusionCounts
+from fastseg_eval.reducers.probability import check_bins, make_spec, scale_mistake
+from fastseg_eval.report.result import (
+    PER_CLASS_LIMIT,
+    EvaluationResult,
+    check_metric_options,
+    result_from_counts,
+)
 
 log = logging.getLogger("fastseg_eval")
 
@@ -32,6 +43,82 @@ def _open_all(pred, gt, mask, *, pred_key, gt_key, mask_key, level, storage_opti
     if mask is not None:
         mv = open_volume(mask, "mask", key=mask_key, level=level, storage_options=storage_options)
     return pv, gv, mv
+
+
+class ConfusionMatrix(ConfusionCounts):
+    __doc__ = ConfusionCounts.__doc__
+
+    def update(self, pred: Any, gt: Any, mask: Any = None, **engine_options: Any) -> ConfusionMatrix:
+        """Add the counts of one batch (prediction first, ground truth second).
+
+        Accepts what :func:`fastseg_eval.evaluate` accepts: numpy arrays (and array-likes such as
+        CPU tensors), dask arrays, zarr arrays and zarr paths. Keyword options: ``workers``,
+        ``scheduler``, ``progress``, ``backend``. Returns ``self``.
+        """
+        count_into(self, pred, gt, mask, **engine_options)
+        return self
+
+    def result(self, **options: Any) -> EvaluationResult:
+        """Metrics of the counts so far: an :class:`~fastseg_eval.report.result.EvaluationResult`.
+
+        Keyword options are those of :func:`fastseg_eval.evaluate` that act on the matrix
+        (``tversky_alpha``, ``tversky_beta``, ``smooth``, ``empty``, ``label_names``, ...).
+        """
+        return result_from_counts(self, **options)
+
+
+def count_into(
+    acc: ConfusionCounts,
+    pred: Any,
+    gt: Any,
+    mask: Any = None,
+    *,
+    workers: int | None = None,
+    scheduler: Any = None,
+    progress: Any = None,
+    volumes: tuple[Volume, Volume, Volume | None] | None = None,
+    backend: str = "cpu",
+) -> RunStats:
+    """Count ``pred`` against ``gt`` (optionally under ``mask``) into ``acc`` in one pass.
+
+    ``acc`` changes only if the whole run succeeds. ``backend`` is a resolved backend name
+    (``"cpu"`` or ``"cuda"``); arrays already on a GPU are counted there in place.
+    """
+    if volumes is None:
+        pv, gv = open_volume(pred, "pred"), open_volume(gt, "gt")
+        mv = None if mask is None else open_volume(mask, "mask")
+        if acc.channel_axis is not None:
+            pv.channel_axis = acc.channel_axis % max(len(pv.shape), 1)
+        check_volumes(pv, gv, mv, pred_shape=pv.spatial_shape if acc.probability is not None else None)
+    else:
+        pv, gv, mv = volumes
+    if any(v is not None and v.kind == "cuda" for v in (pv, gv, mv)):
+        return _count_on_device(acc, pv, gv, mv, backend)
+    reducer: Any = acc
+    if backend == "cuda":
+        from fastseg_eval.reducers.cuda import CudaConfusion
+
+        reducer = CudaConfusion(acc)
+    return run_reducers([reducer], (pv, gv, mv), workers=workers, scheduler=scheduler, progress=progress)
+
+
+def _count_on_device(acc: ConfusionCounts, pv: Volume, gv: Volume, mv: Volume | None, backend: str) -> RunStats:
+    """Arrays already on the GPU: one CUDA count in place, no chunking and no copy to the host."""
+    import time
+
+    if backend != "cuda":
+        raise OptionError(
+            "the inputs include arrays already on the GPU: use backend='cuda' (or 'auto'), "
+            "or copy them to the host first"
+        )
+    if acc.probability is not None:
+        raise OptionError("probability maps on the GPU are not supported yet; copy them to the host first")
+    from fastseg_eval.reducers.cuda import count_device
+
+    t0 = time.perf_counter()
+    count_device(pv.array, gv.array, acc, mask=None if mv is None else mv.array)
+    n = int(np.prod(gv.shape, dtype=np.int64))
+    return RunStats(engine="device", workers=1, units=1, seconds=time.perf_counter() - t0, voxels=n)
 
 
 def _device_backend(requested: str, chosen: str, vols: tuple) -> str:
@@ -140,7 +227,7 @@ def evaluate(
         Run as a dask graph: a ``distributed.Client`` or cluster, an address ``"tcp://host:port"``,
         ``"local:N"`` (a LocalCluster of N worker processes for this run), ``"distributed"`` (the
         current client), or a local dask scheduler name (``"threads"``, ``"processes"``,
-        ``"synchronous"``); see :mod:`fastseg_eval.distributed`. Workers open zarr stores
+        ``"synchronous"``); see :mod:`fastseg_eval.engine.cluster`. Workers open zarr stores
         themselves; only small count arrays travel back.
     progress : bool or callable
         ``True`` draws a progress bar on stderr; a callable receives voxel counts as units finish.
@@ -218,7 +305,7 @@ def evaluate(
     finally:
         if isinstance(bar, ProgressBar):
             bar.close()
-    mistake = scale_mistake(spec, acc._prob_max)  # e.g. prob_scale=255 on a map already in [0, 1]
+    mistake = scale_mistake(spec, acc.largest_probability)  # e.g. prob_scale=255 on a map already in [0, 1]
     if mistake:
         raise OptionError(mistake)
     inputs = {"pred": pv.describe(), "gt": gv.describe(), "mask": None if mv is None else mv.describe()}
@@ -238,7 +325,7 @@ def evaluate(
         "chunks_total": stats.chunks_total,
     }
     options = {
-        "num_classes": acc._config[0],
+        "num_classes": acc.config[0],
         "labels": None if labels is None else [int(x) for x in labels],
         "mask": None if mv is None else mv.source,
         "prediction": "labels" if spec is None else spec.mode,
@@ -250,7 +337,8 @@ def evaluate(
             prob_scale=spec.scale,
             thresholds=spec.bins or None,
         )
-    return acc.result(
+    return result_from_counts(
+        acc,
         metrics=names, tversky_alpha=tversky_alpha, tversky_beta=tversky_beta, smooth=smooth, empty=empty,
         background_label=background_label, label_names=label_names, inputs=inputs, options=options,
         timing=timing, per_class_limit=per_class_limit,

@@ -4,7 +4,7 @@ A thin shell over :func:`fastseg_eval.evaluate`: parse options, run, write the r
 codes: 0 ok; 1 bad data or a runtime failure (one line on stderr, no traceback unless
 ``--debug``); 2 a usage error (unknown option or option value, an output path inside an input);
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Outputs are written atomically
-(:mod:`fastseg_eval.outputs`): an interrupted or failed run leaves no partial file.
+(:mod:`fastseg_eval.io.outputs`): an interrupted or failed run leaves no partial file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
-from ._version import __version__
+from fastseg_eval._version import __version__
 
 PROG = "fastseg-eval"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -102,7 +102,7 @@ def _option_flags() -> dict[str, str]:
 @contextlib.contextmanager
 def _flags_in_errors() -> Iterator[None]:
     """Errors raised inside name the options a command-line user types (``--num-classes 3``)."""
-    from .errors import FastSegError
+    from fastseg_eval.errors import FastSegError
 
     try:
         yield
@@ -113,7 +113,7 @@ def _flags_in_errors() -> Iterator[None]:
 
 def _flag_spelling(text: str) -> str:
     """A warning's text with its options named as flags."""
-    from .errors import Message
+    from fastseg_eval.errors import Message
 
     return text.spell(option_flag) if isinstance(text, Message) else text
 
@@ -491,8 +491,8 @@ def _check_output_paths(args: argparse.Namespace) -> None:
         raise UsageError(f"--save-matrix {args.save_matrix}: the name must end in .npy or .csv")
     if args.plot and _suffix(args.plot) not in PLOT_EXTENSIONS:
         raise UsageError(f"--plot {args.plot}: the name must end in {', '.join(PLOT_EXTENSIONS)}")
-    from .errors import FastSegError
-    from .outputs import check_outputs
+    from fastseg_eval.errors import FastSegError
+    from fastseg_eval.io.outputs import check_outputs
 
     # never into an input store, never two outputs on one file (OutputPathError: exit 2)
     check_outputs(_output_paths(args), {"pred": args.pred, "gt": args.gt, "mask": args.mask})
@@ -504,7 +504,7 @@ def _check_output_paths(args: argparse.Namespace) -> None:
             if os.path.isdir(path):
                 raise FastSegError(f"{flag} {path} is a directory; give a file name")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        from .plot import MISSING_MATPLOTLIB
+        from fastseg_eval.report.plot import MISSING_MATPLOTLIB
 
         raise FastSegError(f"--plot: {MISSING_MATPLOTLIB}")
 
@@ -519,8 +519,8 @@ def _progress(args: argparse.Namespace, evaluate_kwargs: dict[str, Any]) -> Any:
             on = False
     if not on:
         return False
-    from .progress import ProgressBar
-    from .sources import open_volume
+    from fastseg_eval.io.volume import open_volume
+    from fastseg_eval.progress import ProgressBar
 
     gt = open_volume(
         args.gt, "gt", key=args.gt_key, level=args.level,
@@ -571,7 +571,7 @@ def save_matrix(res: Any, path: str) -> None:
     """Write the raw int64 matrix (rows = ground truth, columns = prediction) as .npy or .csv."""
     import numpy as np
 
-    from .errors import FastSegError
+    from fastseg_eval.errors import FastSegError
 
     cm = res.confusion_matrix
     if cm is None:
@@ -581,7 +581,7 @@ def save_matrix(res: Any, path: str) -> None:
         )
     import io
 
-    from .outputs import save_npy, write_text
+    from fastseg_eval.io.outputs import save_npy, write_text
 
     cm = np.asarray(cm, dtype=np.int64)
     if _suffix(path) == ".npy":
@@ -598,14 +598,14 @@ def save_matrix(res: Any, path: str) -> None:
 
 
 def _write(path: str, text: str) -> None:
-    from .outputs import write_text
+    from fastseg_eval.io.outputs import write_text
 
     write_text(path, text, what="-o")  # atomic: a failed write keeps the old report
 
 
 def _print(text: str, *, optional: bool = False) -> None:
     """``text`` on stdout; with ``optional`` (a copy of a report written with -o) a closed stdout is fine."""
-    from .outputs import write_stdout
+    from fastseg_eval.io.outputs import write_stdout
 
     if optional and sys.stdout is None:
         return
@@ -634,9 +634,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import api
-    from .metrics import resolve_metrics
-    from .table import format_table
+    from fastseg_eval import api
+    from fastseg_eval.metrics.formulas import resolve_metrics
+    from fastseg_eval.report.table import format_table
 
     fmt = _output_format(args)
     names = resolve_metrics(args.metrics) if args.metrics else None  # unknown name: OptionError -> 2
@@ -684,14 +684,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.save_matrix:
         save_matrix(res, args.save_matrix)
     if args.plot:
-        from .outputs import atomic_write
-        from .plot import plot_result
+        from fastseg_eval.io.outputs import atomic_write
+        from fastseg_eval.report.plot import plot_result
 
         note = atomic_write(args.plot, lambda tmp: plot_result(res, tmp), what="--plot")
         if note and not args.quiet:
             print(f"{PROG}: {note}", file=sys.stderr)
         if res.curves:
-            from .plot import plot_curves
+            from fastseg_eval.report.plot import plot_curves
 
             curves = _curves_path(args.plot)
             atomic_write(curves, lambda tmp: plot_curves(res, tmp), what="--plot")
@@ -702,8 +702,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Write the demo pair and print the command that evaluates it."""
-    from .demo import write_demo_pair
-    from .errors import FastSegError
+    from fastseg_eval.demo import write_demo_pair
+    from fastseg_eval.errors import FastSegError
 
     directory = args.directory or args.demo_dir
     if not directory:
@@ -748,7 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGTERM is handled like Ctrl-C (SIGINT): the run stops, nothing is written, one line says
     so, and the exit code is 128 + the signal number (130, 143).
     """
-    from .interrupts import terminate_as_interrupt
+    from fastseg_eval.interrupts import terminate_as_interrupt
 
     with terminate_as_interrupt():
         return _main(argv)
@@ -774,7 +774,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         _error(f"{e} (see {PROG} --help)")
         return EXIT_USAGE
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (interrupts.Interrupted)
-        from .interrupts import exit_code, signal_name
+        from fastseg_eval.interrupts import exit_code, signal_name
 
         if debug:
             traceback.print_exc()
@@ -791,7 +791,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             pass
         return EXIT_ERROR
     except Exception as e:
-        from .errors import FastSegError, OptionError
+        from fastseg_eval.errors import FastSegError, OptionError
 
         if debug:
             traceback.print_exc()

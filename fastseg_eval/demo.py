@@ -143,12 +143,12 @@ def write_demo_pair(
     Stores a previous call wrote are replaced (each new store is written beside the old one and
     swapped in, so a failed write keeps the old store); any other existing ``pred.zarr`` /
     ``gt.zarr`` raises :class:`FileExistsError` rather than being overwritten, and a
-    ``directory`` inside a zarr store raises :class:`~fastseg_eval.outputs.OutputPathError`.
+    ``directory`` inside a zarr store raises :class:`~fastseg_eval.io.outputs.OutputPathError`.
     Returns the two paths (prediction first).
     """
     import zarr
 
-    from .outputs import OutputPathError, enclosing_store, replace_directory
+    from fastseg_eval.io.outputs import OutputPathError, enclosing_store, replace_directory
 
     directory = os.fspath(directory)
     store = enclosing_store(directory)

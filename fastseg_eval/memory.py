@@ -17,7 +17,7 @@ import os
 import re
 from typing import Any
 
-from .errors import OptionError, option
+from fastseg_eval.errors import OptionError, option
 
 DEFAULT_FRACTION = 0.5
 """Share of the available memory a run may plan for its label space when no limit is given."""

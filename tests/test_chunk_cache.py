@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from fastseg_eval.engine import _ChunkCache
+from fastseg_eval.engine.threads import _ChunkCache
 
 
 class SlowVolume:

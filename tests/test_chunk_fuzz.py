@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 import fastseg_eval as fse
-from fastseg_eval.chunkread import chunk_reader, decode_into
 from fastseg_eval.errors import FastSegError
+from fastseg_eval.io.chunkread import chunk_reader, decode_into
 
 SHAPE, CHUNKS = (16, 16, 16), (8, 8, 8)
 K = 4
@@ -207,7 +207,7 @@ def test_decode_into_never_reports_bytes_it_did_not_write(codec_name, payload, c
 
 def test_zstd_content_size_header_variants():
     """Frame headers with 1-, 2-, 4- and 8-byte content sizes, and frames without one."""
-    from fastseg_eval.chunkread import _zstd_content_size
+    from fastseg_eval.io.chunkread import _zstd_content_size
 
     for n in (0, 1, 255, 256, 300, 65791, 65792, 100_000):
         blob = numcodecs.Zstd().encode(np.zeros(n, np.uint8))

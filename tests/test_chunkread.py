@@ -9,7 +9,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ShardingCodec, ZstdCodec
 
 import fastseg_eval as fse
-from fastseg_eval.chunkread import chunk_reader
+from fastseg_eval.io.chunkread import chunk_reader
 
 SHAPE, CHUNKS = (13, 10, 7), (5, 4, 7)
 REGIONS = [
@@ -122,7 +122,7 @@ def test_corrupted_chunk_is_a_clear_error(tmp_path):
 
 def test_engine_reads_through_the_fast_reader(tmp_path, monkeypatch):
     """evaluate on zarr v2 / v3 pairs uses the reader, and counts equal numpy's."""
-    from fastseg_eval import chunkread
+    from fastseg_eval.io import chunkread
 
     calls = []
     real = chunkread.ChunkReader.read

@@ -614,7 +614,7 @@ def test_plot_option_and_missing_matplotlib(tmp_path, pair, capsys, monkeypatch)
 
 def test_save_matrix_without_full_matrix_fails_clearly(tmp_path, capsys):
     """Diagonal + marginals mode (labels beyond the dense limit): no matrix file, exit 1, report kept."""
-    from fastseg_eval.confusion import DENSE_MAX
+    from fastseg_eval.reducers.confusion import DENSE_MAX
 
     n = DENSE_MAX + 8
     gt = np.arange(n, dtype=np.uint16).reshape(1, 1, n) * 3

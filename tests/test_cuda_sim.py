@@ -66,7 +66,7 @@ _NO_GPU_SCRIPT = textwrap.dedent(
     except ImportError:
         out["gpu"] = False
     import fastseg_eval as fse
-    from fastseg_eval.backends import cuda_status, resolve_backend
+    from fastseg_eval.reducers.backends import cuda_status, resolve_backend
     out["auto"] = resolve_backend("auto")
     out["status"] = list(cuda_status())
     try:
@@ -114,7 +114,7 @@ def test_simulator_switched_on_too_late_is_explained():
         import json, os
         import fastseg_eval.kernels.cuda as kc   # numba.cuda imported without the simulator
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-        from fastseg_eval.backends import cuda_status
+        from fastseg_eval.reducers.backends import cuda_status
         print(json.dumps(list(cuda_status())))
         """
     )

@@ -25,11 +25,12 @@ from hypothesis import given, settings
 from strategies import reference_confusion
 
 import fastseg_eval as fse
-from fastseg_eval import dask_engine
-from fastseg_eval.confusion import ConfusionMatrix
-from fastseg_eval.distributed import VALID_FORMS, SchedulerSpec, resolve_scheduler
+from fastseg_eval import ConfusionMatrix
+from fastseg_eval.engine import dask_graph as dask_engine
+from fastseg_eval.engine.cluster import VALID_FORMS, SchedulerSpec, resolve_scheduler
 from fastseg_eval.errors import LabelError, OptionError
-from fastseg_eval.sources import open_volume
+from fastseg_eval.io import locator
+from fastseg_eval.io.volume import open_volume
 
 distributed = pytest.importorskip("distributed")
 from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
@@ -215,18 +216,19 @@ def test_tasks_are_pure_functions(volumes):
     template = ConfusionMatrix(ignore_label=IGNORE)
     before = pickle.dumps(template)
     halves = [(slice(0, 20),), (slice(20, None),)]
-    parts = [
-        dask_engine.count_unit(template, "cpu", (h[0].start, 0, 0), gt[h], pred[h], mask[h]) for h in halves
+    shape = gt.shape
+    parts = [  # each task returns one partial per reducer of the run: here one
+        dask_engine.count_unit([template], shape, (h[0].start, 0, 0), gt[h], pred[h], mask[h]) for h in halves
     ]
-    again = dask_engine.count_unit(
-        template, "cpu", (0, 0, 0), gt[halves[0]], pred[halves[0]], mask[halves[0]]
+    (again,) = dask_engine.count_unit(
+        [template], shape, (0, 0, 0), gt[halves[0]], pred[halves[0]], mask[halves[0]]
     )
     assert pickle.dumps(template) == before
-    np.testing.assert_array_equal(again.counts, parts[0].counts)
+    np.testing.assert_array_equal(again.counts, parts[0][0].counts)
     snapshots = [pickle.dumps(p) for p in parts]
-    total = dask_engine.merge_partials(*parts)
+    (total,) = dask_engine.merge_partials(*parts)
     assert [pickle.dumps(p) for p in parts] == snapshots
-    assert dask_engine.merge_partials(*parts).counts.tolist() == total.counts.tolist()
+    assert dask_engine.merge_partials(*parts)[0].counts.tolist() == total.counts.tolist()
     np.testing.assert_array_equal(total.counts, expected(volumes)[0])
 
 
@@ -288,9 +290,9 @@ def test_store_kinds_zip_and_fsspec_url(client, tmp_path, volumes, small_units):
     write(tmp_path / "pred.zarr", pred, (12, 4, 8), 2)
     url = "local://" + str(tmp_path / "pred.zarr")
     pv = open_volume(url, "pred", storage_options={"auto_mkdir": False})
-    loc = dask_engine.locate(pv)
+    loc = locator.locate(pv)
     assert (loc.store, loc.location, dict(loc.storage_options)) == ("fsspec", url, {"auto_mkdir": False})
-    assert dask_engine.locate(open_volume(str(tmp_path / "gt.zip/seg"), "gt")).store == "zip"
+    assert locator.locate(open_volume(str(tmp_path / "gt.zip/seg"), "gt")).store == "zip"
 
     res = fse.evaluate(
         url, str(tmp_path / "gt.zip/seg"), scheduler=client, storage_options={"auto_mkdir": False}
@@ -374,7 +376,7 @@ def test_current_client_is_used_for_dask_inputs_and_by_name(client, volumes):
 
 
 def test_unreachable_scheduler_or_no_current_client_is_a_clear_error(volumes, monkeypatch):
-    from fastseg_eval import distributed as fdist
+    from fastseg_eval.engine import cluster as fdist
     from fastseg_eval.errors import BackendError
 
     gt, pred, _ = volumes
@@ -420,7 +422,7 @@ def _scan(graph) -> _GraphScan:
 def test_graph_holds_locators_not_voxels(client, stores, volumes, small_units):
     gt, pred, mask = volumes
     vols = [open_volume(p, r) for p, r in zip(stores[3, "misaligned"], ("gt", "pred", "mask"))]
-    graph = dask_engine.build_graph(ConfusionMatrix(), *vols, client=client)
+    graph = dask_engine.build_graph([ConfusionMatrix()], *vols, client=client)
     assert len(graph.parts) > dask_engine.FAN_IN
     scan = _scan(graph)
     assert (scan.zarr_arrays, scan.big_arrays) == (0, 0)
@@ -428,12 +430,12 @@ def test_graph_holds_locators_not_voxels(client, stores, volumes, small_units):
     assert size < 0.2 * (gt.nbytes + pred.nbytes + mask.nbytes)
     # the scan does see voxel data where it is: a graph over in-memory slabs (local scheduler)
     numpy_graph = dask_engine.build_graph(
-        ConfusionMatrix(), *(open_volume(a, "x") for a in volumes), target=1 << 14
+        [ConfusionMatrix()], *(open_volume(a, "x") for a in volumes), target=1 << 14
     )
     assert _scan(numpy_graph).big_arrays > 0
     # with a client those slabs are scattered to the workers, and the graph holds only futures
     scattered = dask_engine.build_graph(
-        ConfusionMatrix(), *(open_volume(a, "x") for a in volumes), client=client
+        [ConfusionMatrix()], *(open_volume(a, "x") for a in volumes), client=client
     )
     assert scattered.scattered and _scan(scattered).big_arrays == 0
 

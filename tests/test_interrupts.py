@@ -30,10 +30,10 @@ import importlib.abc, importlib.machinery, os, sys, time
 
 
 class _SlowCounting(importlib.abc.MetaPathFinder):
-    """Wraps ConfusionMatrix.add_chunk once fastseg_eval.confusion is imported."""
+    """Wraps ConfusionCounts.add_chunk once fastseg_eval.reducers.confusion is imported."""
 
     def find_spec(self, name, path, target=None):
-        if name != "fastseg_eval.confusion":
+        if name != "fastseg_eval.reducers.confusion":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None:
@@ -42,7 +42,7 @@ class _SlowCounting(importlib.abc.MetaPathFinder):
 
         def patched(module):
             exec_module(module)
-            add_chunk = module.ConfusionMatrix.add_chunk
+            add_chunk = module.ConfusionCounts.add_chunk
 
             def slow_add_chunk(self, *args, **kwargs):
                 marker = os.environ.get("FSE_TEST_STARTED")
@@ -51,7 +51,7 @@ class _SlowCounting(importlib.abc.MetaPathFinder):
                 time.sleep(float(os.environ.get("FSE_TEST_SLOW", "0") or 0))
                 return add_chunk(self, *args, **kwargs)
 
-            module.ConfusionMatrix.add_chunk = slow_add_chunk
+            module.ConfusionCounts.add_chunk = slow_add_chunk
 
         spec.loader.exec_module = patched
         return spec

@@ -20,7 +20,7 @@ import zarr
 import fastseg_eval as fse
 from fastseg_eval.errors import OptionError
 from fastseg_eval.memory import check_label_space, label_space_bytes, memory_budget, parse_size
-from fastseg_eval.report import PER_CLASS_LIMIT, PerClass
+from fastseg_eval.report.result import PER_CLASS_LIMIT, PerClass
 
 CLI = [sys.executable, "-m", "fastseg_eval"]
 

@@ -19,7 +19,7 @@ from sklearn import metrics as skm
 from strategies import apply_policy, reference_confusion, reference_metric, reference_overall, seeds
 
 import fastseg_eval as fse
-from fastseg_eval.metrics import ALIASES
+from fastseg_eval.metrics.formulas import ALIASES
 
 RTOL = 1e-12
 METRIC_NAMES = [

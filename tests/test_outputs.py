@@ -4,7 +4,7 @@ Issue 10, items 2, 3 and part of 6: ``-o`` / ``--save-matrix`` / ``--plot`` / ``
 input store are refused (exit 2, naming both sides), two outputs naming the same file are
 refused, every file is replaced atomically (a full disk leaves the previous file and no
 temporary file), and write errors (closed stdout, ``/proc``, ``/dev/full``) are one clear line
-with exit 1. The property test drives :func:`fastseg_eval.outputs.check_outputs` and the
+with exit 1. The property test drives :func:`fastseg_eval.io.outputs.check_outputs` and the
 atomic writer with random store layouts and relative / absolute / symlinked / ``..`` paths.
 """
 
@@ -27,8 +27,9 @@ import zarr
 from hypothesis import given, settings
 
 import fastseg_eval as fse
-from fastseg_eval import cli, outputs
-from fastseg_eval.outputs import OutputPathError, OutputWriteError
+from fastseg_eval import cli
+from fastseg_eval.io import outputs
+from fastseg_eval.io.outputs import OutputPathError, OutputWriteError
 
 SHAPE = (6, 7, 8)
 
@@ -291,7 +292,7 @@ def test_special_files_are_written_in_place(tmp_path, pair, capsys):
 
 # ------------------------------------------------------------------------- label names in tables
 def test_control_characters_in_label_names_are_escaped():
-    from fastseg_eval.table import format_table
+    from fastseg_eval.report.table import format_table
 
     gt = np.array([[0, 1, 2, 2]], dtype=np.uint8)
     names = {1: "evil\nrow", 2: "\x1b[31mred\x1b[0m\r\t\x07", 0: "bg\u2028x"}

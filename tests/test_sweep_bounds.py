@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import fastseg_eval as fse
-from fastseg_eval.probability import _binning_errors
+from fastseg_eval.metrics.curves import _binning_errors
 
 ROUNDING = 1e-12  # both sides are float64 sums; the bounds are exact in real arithmetic
 

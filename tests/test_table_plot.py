@@ -15,7 +15,7 @@ import pytest
 import fastseg_eval as fse
 from fastseg_eval.demo import make_demo_pair, write_demo_pair
 from fastseg_eval.errors import FastSegError
-from fastseg_eval.table import SHORT_NAMES, format_table, headline
+from fastseg_eval.report.table import SHORT_NAMES, format_table, headline
 
 
 def bincount_cm(pred: np.ndarray, gt: np.ndarray, k: int) -> np.ndarray:
@@ -176,7 +176,7 @@ def mpl():
 
 
 def test_figure_heatmap_is_row_normalised_and_bars_are_dice_iou(res, demo, mpl):
-    from fastseg_eval.plot import make_figure
+    from fastseg_eval.report.plot import make_figure
 
     pred, gt = demo
     cm = bincount_cm(pred, gt, 4)
@@ -195,7 +195,7 @@ def test_figure_heatmap_is_row_normalised_and_bars_are_dice_iou(res, demo, mpl):
 
 
 def test_plot_file_and_many_labels(tmp_path, mpl):
-    from fastseg_eval.plot import MAX_BARS, plot_result
+    from fastseg_eval.report.plot import MAX_BARS, plot_result
 
     rng = np.random.default_rng(3)
     gt = rng.integers(0, 45, (20, 20, 20)).astype(np.uint16)
@@ -207,7 +207,7 @@ def test_plot_file_and_many_labels(tmp_path, mpl):
     assert note is not None and f"{MAX_BARS} largest of 45" in note
     # diagonal + marginals mode: no matrix, bars of the largest classes only, and the figure says so
     sparse = dataclasses.replace(r, confusion_matrix=None)
-    from fastseg_eval.plot import bar_classes, make_figure
+    from fastseg_eval.report.plot import bar_classes, make_figure
 
     fig, note = make_figure(sparse, max_bars=10)
     assert len(fig.axes) == 1 and "no full confusion matrix" in note and "10 largest" in note
@@ -221,7 +221,7 @@ def test_plot_file_and_many_labels(tmp_path, mpl):
 
 def test_curves_figure_from_sweep_counts(tmp_path, mpl):
     """ROC / PR lines are the rates of the DESIGN.md curve counts (independent toy data)."""
-    from fastseg_eval.plot import make_curves_figure, plot_curves
+    from fastseg_eval.report.plot import make_curves_figure, plot_curves
 
     rng = np.random.default_rng(4)
     prob = rng.random(5000)
@@ -248,7 +248,7 @@ def test_curves_figure_from_sweep_counts(tmp_path, mpl):
 
 
 def test_missing_matplotlib_is_a_clear_error(res, monkeypatch, mpl):
-    from fastseg_eval import plot
+    from fastseg_eval.report import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
     with pytest.raises(FastSegError, match=r"pip install 'fastseg-eval\[plot\]'"):

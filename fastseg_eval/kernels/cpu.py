@@ -3,7 +3,7 @@
 Every kernel here takes one 3-D chunk of ground truth and prediction (``gt`` first: rows of the
 confusion matrix are ground truth) and *adds* into an int64 count table that the caller owns.
 Kernels validate nothing beyond what they must to stay memory safe, allocate nothing, and never
-raise: they stop and return a status code that :mod:`fastseg_eval.confusion` turns into an error
+raise: they stop and return a status code that :mod:`fastseg_eval.reducers.confusion` turns into an error
 or acts on (growing a table and resuming where the kernel stopped).
 
 Label values arrive as unsigned integers: signed inputs are passed as unsigned views of the
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .jit import njit  # numba.njit, with the on-disk cache outside the package
+from fastseg_eval.kernels.jit import njit  # numba.njit, with the on-disk cache outside the package
 
 LUT_SIZE = 1 << 16  # label values below this map through a direct lookup table
 _LUT_SIZE_U = np.uint64(LUT_SIZE)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .jit import njit  # numba.njit, with the on-disk cache outside the package
+from fastseg_eval.kernels.jit import njit  # numba.njit, with the on-disk cache outside the package
 
 OK = 0
 BAD_PROB = 5

@@ -44,7 +44,7 @@ def main() -> int:
 
     assert not kc.SIMULATOR
     u64, i64, b1, u32, i32 = T.uint64, T.int64, T.boolean, T.uint32, T.int32
-    kernel = kc._count_pairs_kernel.py_func
+    kernel = kc.count_pairs_kernel.py_func
     params = list(inspect.signature(kernel).parameters)
 
     def signature(g, p, m):
@@ -68,7 +68,7 @@ def main() -> int:
         for p, m in ((T.uint8, T.uint8), (T.uint64, T.int32), (g, T.uint16)):
             ptx, _ = cuda.compile_ptx(kernel, signature(g, p, m), cc=CC)
             count += 1
-    for nd, gather in kc._GATHER.items():
+    for nd, gather in kc.GATHER.items():
         for t in (T.uint8, T.int16, T.uint64, T.boolean):
             cuda.compile_ptx(gather.py_func, (T.Array(t, nd, "A"), t[::1]), cc=CC)
             count += 1

@@ -15,24 +15,24 @@ import pytest  # noqa: E402
 from strategies import make_labels, perturb, reference_confusion  # noqa: E402
 
 import fastseg_eval as fse  # noqa: E402
-from fastseg_eval.backends import cuda_status, resolve_backend  # noqa: E402
-from fastseg_eval.engine import count_into  # noqa: E402
+from fastseg_eval.api import count_into  # noqa: E402
 from fastseg_eval.errors import LabelError  # noqa: E402
-from fastseg_eval.kernels import cuda as kc  # noqa: E402
+from fastseg_eval.reducers import cuda as rc  # noqa: E402
+from fastseg_eval.reducers.backends import cuda_status, resolve_backend  # noqa: E402
 
 
 @pytest.fixture
 def cuda_calls(monkeypatch):
     """Counts the chunks that CudaCounter.add_chunk received (the engine builds counters per worker)."""
     calls = {"chunks": 0, "voxels": 0}
-    real = kc.CudaCounter.add_chunk
+    real = rc.CudaCounter.add_chunk
 
     def spy(self, gt, pred, mask=None, *, offset=None):
         calls["chunks"] += 1
         calls["voxels"] += int(np.prod(gt.shape))
         return real(self, gt, pred, mask, offset=offset)
 
-    monkeypatch.setattr(kc.CudaCounter, "add_chunk", spy)
+    monkeypatch.setattr(rc.CudaCounter, "add_chunk", spy)
     return calls
 
 

@@ -1,7 +1,7 @@
 """The CUDA counter under numba's simulator: identical to the CPU backend and to numpy.
 
 Every test counts the same chunks with :class:`fastseg_eval.ConfusionMatrix` (the CPU kernels)
-and with :class:`fastseg_eval.kernels.cuda.CudaCounter`, and compares every public number; most
+and with :class:`fastseg_eval.reducers.cuda.CudaCounter`, and compares every public number; most
 also compare with the independent numpy reference of tests/strategies.py. Arrays are tiny (the
 simulator runs one Python thread per CUDA thread).
 """
@@ -44,6 +44,7 @@ from strategies import (  # noqa: E402
 import fastseg_eval as fse  # noqa: E402
 from fastseg_eval.errors import FastSegError, InputError, LabelError  # noqa: E402
 from fastseg_eval.kernels import cuda as kc  # noqa: E402
+from fastseg_eval.reducers import cuda as rc  # noqa: E402
 
 
 def test_simulator_is_active():
@@ -160,7 +161,7 @@ def test_empty_classes_and_empty_chunks():
         assert gpu.counts[k].sum() == 0 and gpu.counts[:, k].sum() == 0
     # empty chunks between real ones count nothing and break nothing
     acc = fse.ConfusionMatrix(num_classes=8)
-    counter = kc.CudaCounter(acc.spawn())
+    counter = rc.CudaCounter(acc.spawn())
     counter.add_chunk(gt[:0], pred[:0])
     counter.add_chunk(gt, pred)
     counter.add_chunk(gt[:, :0], pred[:, :0], np.ones((4, 0, 3), bool))
@@ -233,7 +234,7 @@ def test_many_labels_beyond_shared_memory(case):
     gpu = check(gt, pred, chunks=(6, 12, 8), dense_max=dense_max, **space)
     assert gpu.num_classes == k
     counter = LAST_COUNTER[0]
-    layout, hot, nsub, nslots = kc._layout(counter.kcap, counter.dense)  # what the last pass used
+    layout, hot, nsub, nslots = kc.table_layout(counter.kcap, counter.dense)  # what the last pass used
     assert layout == (kc.DENSE_DIAG if "diag" in case else kc.MARGINALS)
     assert nslots * nsub <= kc.SHARED_WORDS
     if case.endswith("hot"):
@@ -249,10 +250,10 @@ def test_many_large_ids_and_a_full_device_hash_set(monkeypatch):
     gt = make_labels((8, 9, 10), np.dtype("uint64"), ids + [0], rng)
     pred = perturb(gt, np.dtype("uint64"), ids, 0.6, rng)
     check(gt, pred, chunks=(4, 9, 5), dense_max=32)
-    monkeypatch.setattr(kc, "_NEW_BIG_SLOTS", 4)
-    monkeypatch.setattr(kc._POOL, "slots", None)  # fresh streams and sets, not the last counter's
+    monkeypatch.setattr(rc, "NEW_BIG_SLOTS", 4)
+    monkeypatch.setattr(rc._POOL, "slots", None)  # fresh streams and sets, not the last counter's
     acc = fse.ConfusionMatrix(dense_max=32)
-    counter = kc.CudaCounter(acc.spawn())
+    counter = rc.CudaCounter(acc.spawn())
     counter.add_chunk(gt, pred)
     acc.merge(counter.finish())
     assert counter.passes > 2  # overflowed: more passes, each finding more ids
@@ -270,7 +271,7 @@ def test_labels_discovered_across_chunks_and_streams():
         parts_p.append(perturb(g, np.dtype("uint32"), pool + [i + 2], 0.5, rng))
     gt, pred = np.concatenate(parts_g), np.concatenate(parts_p)
     acc = fse.ConfusionMatrix()
-    counter = kc.CudaCounter(acc.spawn())
+    counter = rc.CudaCounter(acc.spawn())
     for sl, off in chunk_slices(gt.shape, (2, 5, 6)):
         counter.add_chunk(gt[sl], pred[sl], offset=off)
     acc.merge(counter.finish())
@@ -349,7 +350,7 @@ def test_counter_stops_after_an_error_and_bad_input_is_refused():
     gt = np.zeros((2, 3, 4), np.uint8)
     pred = gt.copy()
     pred[1, 1, 1] = 5
-    counter = kc.CudaCounter(fse.ConfusionMatrix(num_classes=2))
+    counter = rc.CudaCounter(fse.ConfusionMatrix(num_classes=2))
     with pytest.raises(LabelError) as info:
         counter.add_chunk(gt, pred, offset=(10, 0, 0))
         counter.add_chunk(gt, gt, offset=(12, 0, 0))
@@ -357,7 +358,7 @@ def test_counter_stops_after_an_error_and_bad_input_is_refused():
     assert info.value.position == (11, 1, 1)
     with pytest.raises(FastSegError, match="stopped at an invalid label"):
         counter.add_chunk(gt, gt)
-    fresh = kc.CudaCounter(fse.ConfusionMatrix(num_classes=2))
+    fresh = rc.CudaCounter(fse.ConfusionMatrix(num_classes=2))
     e = _both_raise(gt.astype(np.float32), gt, num_classes=2)
     assert isinstance(e, InputError) and "float" in str(e)
     with pytest.raises(InputError, match="shape"):
@@ -397,10 +398,10 @@ def test_device_arrays_are_counted_in_place(shape, dtype):
         (dg, sp, cuda.to_device(mask.astype(np.int32))),
     ):
         acc = fse.ConfusionMatrix(ignore_label=1)
-        assert kc.count_device(p, g, acc, mask=m) is acc
+        assert rc.count_device(p, g, acc, mask=m) is acc
         assert_same(acc, cpu)
     acc = fse.ConfusionMatrix(ignore_label=1)
-    counter = kc.CudaCounter(acc.spawn())
+    counter = rc.CudaCounter(acc.spawn())
     counter.add_chunk(sg, pred, mask)  # device gt, host pred
     counter.add_chunk(gt, dp, mask)
     acc.merge(counter.finish())
@@ -413,7 +414,7 @@ def test_device_array_errors_name_the_voxel():
     gt[2, 3] = -7
     e = _both_raise(gt, np.zeros_like(gt), num_classes=2)
     with pytest.raises(LabelError) as info:
-        kc.count_device(
+        rc.count_device(
             cuda.to_device(np.zeros_like(gt)), cuda.to_device(gt), fse.ConfusionMatrix(num_classes=2)
         )
     assert str(info.value) == str(e) and info.value.position == (2, 3) and info.value.value == -7
@@ -428,7 +429,7 @@ def test_counters_share_thread_resources_and_can_resume():
     check(gt, pred, labels=[70, 3, 0])
     check(gt, pred)  # reuses the previous counter's slots; discovery needs the full seen table
     acc = fse.ConfusionMatrix()
-    counter = kc.CudaCounter(acc)
+    counter = rc.CudaCounter(acc)
     counter.add_chunk(gt, pred)
     counter.finish()
     counter.add_chunk(gt[:2], pred[:2])  # counting after finish adds only the new chunks
@@ -436,7 +437,7 @@ def test_counters_share_thread_resources_and_can_resume():
     ref = count_cpu(gt, pred)
     ref.merge(count_cpu(gt[:2], pred[:2]))
     assert_same(acc, ref)
-    kc.release_buffers()  # the next counter in this thread starts with fresh streams and buffers
-    assert getattr(kc._POOL, "slots", None) is None
+    rc.release_buffers()  # the next counter in this thread starts with fresh streams and buffers
+    assert getattr(rc._POOL, "slots", None) is None
     check(gt, pred, num_classes=71)
-    assert kc._POOL.slots is not None  # kept for the next counter (far below POOL_MAX_BYTES)
+    assert rc._POOL.slots is not None  # kept for the next counter (far below POOL_MAX_BYTES)

@@ -57,9 +57,9 @@ LAST_COUNTER: list[Any] = [None]  # the CudaCounter of the latest count_gpu call
 
 
 def count_gpu(gt, pred, mask=None, *, chunks=None, **space) -> Any:
-    """The same through :class:`fastseg_eval.kernels.cuda.CudaCounter` (what the engine does)."""
+    """The same through :class:`fastseg_eval.reducers.cuda.CudaCounter` (what the engine does)."""
     import fastseg_eval as fse
-    from fastseg_eval.kernels.cuda import CudaCounter
+    from fastseg_eval.reducers.cuda import CudaCounter
 
     acc = fse.ConfusionMatrix(**space)
     counter = CudaCounter(acc.spawn())

@@ -1,17 +1,21 @@
-"""Engine: plan work units over the chunk grids and schedule reads and kernel calls.
+"""The threads engine: a pool of threads reads work units and hands them to every reducer.
 
-Two engines, one contract (every voxel counted exactly once, each input chunk decoded once):
+Contract (every engine keeps it): every voxel lies in exactly one block's core; each input chunk
+is decoded once (while the chunk cache's budget allows); the reducers passed in change only
+after the whole run succeeded.
 
-* **threads** (numpy and zarr inputs): a pool of ``workers`` threads pulls work units in
-  C order. A unit is one chunk of the *primary* input (the zarr input with the largest chunks;
-  numpy-only inputs are cut into slabs). Other inputs are read for the unit's region: in one
-  call when their chunks nest inside it, otherwise chunk by chunk through a shared,
-  reference-counted cache so that a chunk straddling several units is decoded once (while the
-  cache budget allows). Each thread counts into its own accumulator with nogil kernels;
-  accumulators are merged at the end. Memory: about ``workers`` units plus the cache.
-* **dask** (any dask input, or ``scheduler=``): one task per block of the common chunk grid
-  returns a small partial accumulator; partials are tree-summed in the same graph and the
-  graph is computed once.
+A unit is one chunk of the *primary* input (the zarr input with the largest chunks; numpy-only
+inputs are cut into slabs). Other inputs are read for the unit's region: in one call when their
+chunks nest inside it, otherwise chunk by chunk through a shared, reference-counted cache so
+that a chunk straddling several units is decoded once (while the cache budget allows). Each
+thread holds its own spawned reducers; partials are merged at the end. Memory: about
+``workers`` units plus the cache.
+
+Halos: when a reducer asks for ``halo > 0``, each unit is read grown by the largest halo (clipped
+at the volume's edges) and every zarr input goes through the chunk cache, whose use counts then
+include the neighbouring units that need a chunk for their halo: a chunk is still decoded once,
+and kept until its last neighbour has read it. Reducers with a smaller halo get views trimmed to
+theirs (:meth:`~fastseg_eval.reducers.base.Block.with_halo`).
 """
 
 from __future__ import annotations
@@ -20,114 +24,29 @@ import bisect
 import itertools
 import logging
 import math
-import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .confusion import ConfusionMatrix
-from .errors import OptionError
-from .sources import Volume, check_volumes, open_volume
+from fastseg_eval.engine.plan import (
+    Region,
+    RunStats,
+    auto_chunks,
+    boundaries,
+    core_slices,
+    grow,
+    interval_index,
+)
+from fastseg_eval.io.volume import Volume
+from fastseg_eval.reducers.base import Block, Reducer
 
 log = logging.getLogger("fastseg_eval")
 
-Region = tuple[tuple[int, int], ...]  # (start, stop) per axis
 UNIT_VOXELS = 1 << 22  # target size of a numpy work unit
-CACHE_BUDGET = 512 << 20  # bytes of straddling chunks kept decoded (misaligned chunk grids only)
-
-
-@dataclass
-class RunStats:
-    """What a run did: used for the report's ``timing`` and for tests of the decode-once rule."""
-
-    engine: str = "threads"
-    workers: int = 1
-    seconds: float = 0.0
-    voxels: int = 0
-    units: int = 0
-    chunks_decoded: dict[str, int] = field(default_factory=dict)
-    chunks_total: dict[str, int] = field(default_factory=dict)
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def check_workers(workers: Any) -> int:
-    if workers is None:
-        return default_workers()
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise OptionError(f"workers must be a positive integer, got {workers!r}")
-    return int(workers)
-
-
-def count_into(
-    acc: ConfusionMatrix,
-    pred: Any,
-    gt: Any,
-    mask: Any = None,
-    *,
-    workers: int | None = None,
-    scheduler: Any = None,
-    progress: Callable[[int], None] | None = None,
-    volumes: tuple[Volume, Volume, Volume | None] | None = None,
-    backend: str = "cpu",
-) -> RunStats:
-    """Count ``pred`` against ``gt`` (optionally under ``mask``) into ``acc``.
-
-    ``acc`` is only changed if the whole run succeeds. ``progress`` is called with the number of
-    voxels each finished unit covered. ``backend`` is a resolved backend name (``"cpu"`` or
-    ``"cuda"``, see :mod:`fastseg_eval.backends`).
-    """
-    if volumes is None:
-        pv, gv = open_volume(pred, "pred"), open_volume(gt, "gt")
-        mv = None if mask is None else open_volume(mask, "mask")
-        if acc.channel_axis is not None:
-            pv.channel_axis = acc.channel_axis % max(len(pv.shape), 1)
-        check_volumes(pv, gv, mv, pred_shape=pv.spatial_shape if acc._prob is not None else None)
-    else:
-        pv, gv, mv = volumes
-    nworkers = check_workers(workers)
-    t0 = time.perf_counter()
-    if any(v is not None and v.kind == "cuda" for v in (pv, gv, mv)):
-        stats = _run_device(acc, gv, pv, mv, backend)
-    elif scheduler is not None or any(v is not None and v.kind == "dask" for v in (pv, gv, mv)):
-        from .dask_engine import run_dask
-
-        stats = run_dask(acc, gv, pv, mv, scheduler=scheduler, progress=progress, backend=backend)
-    else:
-        stats = _run_threads(acc, gv, pv, mv, nworkers, progress, backend)
-    stats.seconds = time.perf_counter() - t0
-    stats.voxels = int(np.prod(gv.shape, dtype=np.int64))
-    return stats
-
-
-# ----------------------------------------------------------------------------------- planning
-def auto_chunks(shape: Sequence[int], target: int = UNIT_VOXELS) -> tuple[int, ...]:
-    """Chunk shape of about ``target`` voxels, cutting leading axes first (keeps rows whole)."""
-    c = [max(1, int(s)) for s in shape]
-    for ax in range(len(c)):
-        while math.prod(c) > target and c[ax] > 1:
-            c[ax] = (c[ax] + 1) // 2
-    return tuple(c)
-
-
-def boundaries(shape: Sequence[int], chunks: Sequence[int]) -> list[list[int]]:
-    """Chunk start offsets plus the end, per axis."""
-    return [[*range(0, n, c), n] if n else [0] for n, c in zip(shape, chunks)]
-
-
-def _interval_index(bounds: list[int], x: int) -> int:
-    """Index of the interval of ``bounds`` that contains ``x``."""
-    return bisect.bisect_right(bounds, x) - 1
+CACHE_BUDGET = 512 << 20  # bytes of straddling chunks kept decoded (misaligned grids, halos)
 
 
 class _ChunkCache:
@@ -208,8 +127,8 @@ class _ChunkCache:
 class _Plan:
     """Work units over the primary input's chunk grid, and how to fetch every input for a unit."""
 
-    def __init__(self, vols: list[Volume], workers: int, cache_budget: int = CACHE_BUDGET):
-        shape = vols[0].shape
+    def __init__(self, vols: list[Volume], workers: int, halo: int = 0, cache_budget: int = CACHE_BUDGET):
+        shape = vols[0].spatial_shape
         zarrs = [v for v in vols if v.kind == "zarr"]
         if zarrs:
             primary = max(zarrs, key=lambda v: (math.prod(v.spatial_chunks), v.role == "gt"))
@@ -219,6 +138,7 @@ class _Plan:
             target = max(1 << 16, min(UNIT_VOXELS, math.prod(shape) // max(1, 4 * workers)))
             pchunks = auto_chunks(shape, target)
         self.shape = shape
+        self.halo = halo
         self.primary = primary
         self.pbounds = boundaries(shape, pchunks)
         self.bounds = {
@@ -226,19 +146,20 @@ class _Plan:
         }
         self.caches: dict[str, _ChunkCache] = {}
         for v in zarrs:
-            if v is not primary:
+            if v is not primary or halo > 0:
                 self.caches[v.role] = _ChunkCache(v, self._uses_fn(self.bounds[v.role]), cache_budget)
         self.direct_reads = {v.role: 0 for v in zarrs}
         self.count_lock = threading.Lock()
 
     def _uses_fn(self, sb: list[list[int]]) -> Callable[[tuple[int, ...]], int]:
-        pb = self.pbounds
+        """How many (grown) units need chunk ``idx`` of a grid with boundaries ``sb``."""
+        pb, h, shape = self.pbounds, self.halo, self.shape
 
         def uses(idx: tuple[int, ...]) -> int:
             n = 1
             for a, j in enumerate(idx):
-                lo = _interval_index(pb[a], sb[a][j])
-                hi = _interval_index(pb[a], sb[a][j + 1] - 1)
+                lo = interval_index(pb[a], max(0, sb[a][j] - h))
+                hi = interval_index(pb[a], min(shape[a], sb[a][j + 1] + h) - 1)
                 n *= hi - lo + 1
             return n
 
@@ -261,7 +182,7 @@ class _Plan:
                     self.direct_reads[vol.role] += 1
             return [[a] for a, _ in unit], {(0,) * len(unit): vol.read(whole, reuse=True)}
         idx_ranges = [
-            range(_interval_index(sb[a], lo), _interval_index(sb[a], hi - 1) + 1)
+            range(interval_index(sb[a], lo), interval_index(sb[a], hi - 1) + 1)
             for a, (lo, hi) in enumerate(unit)
         ]
         nested = all(
@@ -286,6 +207,28 @@ class _Plan:
             )
             data[local_idx] = chunk[sub]
         return cuts, data
+
+    def read_grown(self, vol: Volume, region: Region) -> np.ndarray:
+        """All of ``region`` (a unit grown by the halo) of ``vol`` as one array (a copy for zarr)."""
+        sb = self.bounds.get(vol.role)
+        whole = tuple(slice(a, b) for a, b in region)
+        if sb is None:
+            return vol.read(whole)
+        cache = self.caches[vol.role]
+        out: np.ndarray | None = None
+        idx_ranges = [
+            range(interval_index(sb[a], lo), interval_index(sb[a], hi - 1) + 1) for a, (lo, hi) in enumerate(region)
+        ]
+        for idx in itertools.product(*idx_ranges):
+            creg = tuple(slice(sb[a][j], sb[a][j + 1]) for a, j in enumerate(idx))
+            chunk = cache.get(idx, creg)
+            if out is None:
+                extra = chunk.shape[len(region) :]  # a probability map's channel axis
+                out = np.empty(tuple(b - a for a, b in region) + extra, dtype=chunk.dtype)
+            dst = tuple(slice(max(lo, c.start) - lo, min(hi, c.stop) - lo) for (lo, hi), c in zip(region, creg))
+            src = tuple(slice(max(lo, c.start) - c.start, min(hi, c.stop) - c.start) for (lo, hi), c in zip(region, creg))
+            out[dst] = chunk[src]
+        return out  # type: ignore[return-value]  (a region holds at least one chunk)
 
     def decodes(self) -> dict[str, int]:
         out = dict(self.direct_reads)
@@ -315,89 +258,75 @@ def _view(piece: np.ndarray, origin: Sequence[int], cell: Region) -> np.ndarray:
     return piece[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(cell, origin))]
 
 
-def make_counter(acc: ConfusionMatrix, backend: str) -> Any:
-    """A per-worker counter: ``add_chunk(gt, pred, mask, offset=...)``, then :func:`finish_counter`."""
-    if backend == "cuda":
-        from .kernels.cuda import CudaCounter
 
-        return CudaCounter(acc.spawn())
-    return acc.spawn()
-
-
-def finish_counter(counter: Any) -> ConfusionMatrix:
-    """The accumulator that a counter from :func:`make_counter` filled."""
-    return counter if isinstance(counter, ConfusionMatrix) else counter.finish()
-
-
-def _count_unit(counter: Any, plan: _Plan, gv: Volume, pv: Volume, mv: Volume | None, unit: Region) -> None:
+def unit_blocks(plan: _Plan, gv: Volume, pv: Volume, mv: Volume | None, unit: Region) -> Iterator[Block]:
+    """The blocks of one unit: the unit grown by the plan's halo, or (halo 0) the cells of the
+    inputs' common chunk refinement, which need no copy."""
+    shape = plan.shape
+    if plan.halo > 0:
+        grown = grow(unit, plan.halo, shape)
+        arrays = [plan.read_grown(v, grown) for v in (gv, pv)]
+        mask = None if mv is None else plan.read_grown(mv, grown)
+        yield Block(
+            gt=arrays[0], pred=arrays[1], mask=mask, origin=tuple(a for a, _ in unit),
+            core=core_slices(unit, grown), shape=shape, halo=plan.halo,
+        )  # fmt: skip
+        return
     vols = [gv, pv] + ([mv] if mv is not None else [])
     fetched = [plan.pieces(v, unit) for v in vols]
     cut_lists = [f[0] for f in fetched]
     if all(len(c) == 1 for cuts in cut_lists for c in cuts):  # one piece each: the aligned case
-        arrays = [f[1][(0,) * len(unit)] for f in fetched]
-        counter.add_chunk(
-            arrays[0], arrays[1], arrays[2] if mv is not None else None, offset=[a for a, _ in unit]
-        )
-        return
-    for cell, which in _cells(unit, cut_lists):
+        cells: Iterator[tuple[Region, list[tuple[int, ...]]]] = iter([(unit, [(0,) * len(unit)] * len(vols))])
+    else:
+        cells = _cells(unit, cut_lists)
+    for cell, which in cells:
         arrays = []
         for (cuts, data), w in zip(fetched, which):
             origin = [cuts[a][w[a]] for a in range(len(unit))]
             arrays.append(_view(data[w], origin, cell))
-        counter.add_chunk(
-            arrays[0], arrays[1], arrays[2] if mv is not None else None, offset=[a for a, _ in cell]
-        )
+        yield Block(
+            gt=arrays[0], pred=arrays[1], mask=arrays[2] if mv is not None else None,
+            origin=tuple(a for a, _ in cell), core=tuple(slice(0, b - a) for a, b in cell), shape=shape,
+        )  # fmt: skip
 
 
-def _run_device(acc: ConfusionMatrix, gv: Volume, pv: Volume, mv: Volume | None, backend: str) -> RunStats:
-    """Arrays already on the GPU: one CUDA count in place, no chunking and no copy to the host."""
-    if backend != "cuda":
-        raise OptionError(
-            "the inputs include arrays already on the GPU: use backend='cuda' (or 'auto'), "
-            "or copy them to the host first"
-        )
-    if acc._prob is not None:
-        raise OptionError("probability maps on the GPU are not supported yet; copy them to the host first")
-    from .kernels.cuda import count_device
-
-    count_device(pv.array, gv.array, acc, mask=None if mv is None else mv.array)
-    return RunStats(engine="device", workers=1, units=1)
-
-
-# ------------------------------------------------------------------------------- thread engine
-def _run_threads(
-    acc: ConfusionMatrix,
+def run_threads(
+    reducers: Sequence[Reducer],
     gv: Volume,
     pv: Volume,
     mv: Volume | None,
     workers: int,
     progress: Callable[[int], None] | None,
-    backend: str = "cpu",
 ) -> RunStats:
+    """Run ``reducers`` over the inputs in a thread pool; merge their partials on success."""
     vols = [gv, pv] + ([mv] if mv is not None else [])
-    plan = _Plan(vols, workers)
+    halo = max((int(r.halo) for r in reducers), default=0)
+    plan = _Plan(vols, workers, halo=halo)
     n_units = plan.n_units()
     workers = max(1, min(workers, n_units))
     units = plan.units()
     lock = threading.Lock()
     stop = threading.Event()
-    counters = [make_counter(acc, backend) for _ in range(workers)]
+    crews = [[r.spawn() for r in reducers] for _ in range(workers)]
+    halos = [int(r.halo) for r in reducers]
 
-    def work(counter: Any) -> None:
+    def work(crew: list[Any]) -> None:
         while not stop.is_set():
             with lock:
                 unit = next(units, None)
             if unit is None:
                 return
-            _count_unit(counter, plan, gv, pv, mv, unit)
+            for block in unit_blocks(plan, gv, pv, mv, unit):
+                for r, h in zip(crew, halos):
+                    r.add(block.with_halo(h))
             if progress is not None:
                 progress(math.prod(b - a for a, b in unit))
 
     if workers == 1:
-        work(counters[0])
+        work(crews[0])
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="fastseg") as ex:
-            futures = [ex.submit(work, c) for c in counters]
+            futures = [ex.submit(work, c) for c in crews]
             try:
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             except BaseException:  # KeyboardInterrupt: let the workers finish their unit and stop
@@ -411,9 +340,11 @@ def _run_threads(
             wait(futures)
             for f in futures:
                 f.result()
-    finished = [finish_counter(c) for c in counters]  # a late (CUDA) error must leave acc untouched
-    for f in finished:
-        acc.merge(f)
+    # finish every worker before merging any: a late (CUDA) error must leave the reducers untouched
+    partials = [[r.finish() for r in crew] for crew in crews]
+    for crew in partials:
+        for r, part in zip(reducers, crew):
+            r.merge(part)
     zarrs = [v for v in vols if v.kind == "zarr"]
     return RunStats(
         engine="threads",

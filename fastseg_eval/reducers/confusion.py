@@ -1,4 +1,10 @@
-"""The int64 confusion-matrix accumulator: label space, kernel dispatch, merging.
+"""The confusion counts reducer: int64 count tables filled by the CPU kernels, merged exactly.
+
+:class:`ConfusionCounts` is the first reducer of the engine (see :mod:`fastseg_eval.reducers.base`):
+``add(block)`` dispatches each block to a numba kernel (:mod:`fastseg_eval.kernels.cpu`, or
+:mod:`fastseg_eval.kernels.prob` for probability maps), using the label space of
+:mod:`fastseg_eval.labels.space`. The public streaming accumulator ``fse.ConfusionMatrix``
+(in :mod:`fastseg_eval.api`) is this class plus ``update()`` and ``result()``.
 
 Rows are ground truth, columns are prediction: ``counts[i, j]`` is the number of voxels whose
 ground-truth label is ``labels[i]`` and whose predicted label is ``labels[j]``.
@@ -9,7 +15,7 @@ Two storage modes:
 * **marginals**: for larger label spaces (ids up to 2**16 and far beyond) only the diagonal and
   the two marginals (``3 x K`` counts) are kept. Every per-class metric and every overall metric
   (accuracy, balanced accuracy, MCC, Cohen's kappa) needs nothing more; only the off-diagonal
-  cells are lost, so :attr:`ConfusionMatrix.counts` is unavailable in this mode.
+  cells are lost, so :attr:`ConfusionCounts.counts` is unavailable in this mode.
 """
 
 from __future__ import annotations
@@ -19,68 +25,29 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FastSegError, InputError, LabelError, OptionError, option
-from .kernels import cpu
-from .kernels import prob as prob_kernels
-from .memory import check_label_space
-from .probability import ProbabilitySpec, make_spec
+from fastseg_eval.errors import FastSegError, InputError, LabelError, OptionError, option
+from fastseg_eval.kernels import cpu
+from fastseg_eval.kernels import prob as prob_kernels
+from fastseg_eval.labels.space import (
+    check_ignore,
+    check_num_classes,
+    fixed_labels,
+    ignore_bits,
+    insert_labels,
+    is_range,
+    label_message,
+    label_view,
+    lookup_labels,
+    value_of,
+)
+from fastseg_eval.memory import check_label_space
+from fastseg_eval.reducers.base import Block
+from fastseg_eval.reducers.probability import ProbabilitySpec, make_spec
 
 DENSE_MAX = 1024
 """Largest label count kept as a dense K x K table; beyond it the accumulator keeps 3 x K counts."""
 
 _INITIAL_KCAP = 16
-
-
-def label_view(a: np.ndarray, role: str) -> tuple[np.ndarray, int]:
-    """Return ``a`` as an unsigned-integer view the kernels accept, and its negative threshold.
-
-    bool becomes uint8, signed ints the unsigned view of the same width (no copy); the second
-    value is the unsigned value from which the original was negative (0 for unsigned inputs).
-    Non-native byte order is converted (a same-width copy).
-    """
-    dt = a.dtype
-    if dt.kind == "b":
-        return a.view(np.uint8), 0
-    if dt.kind not in "iu":
-        what = "floating-point" if dt.kind == "f" else f"{dt} (kind {dt.kind!r})"
-        hint = (
-            f" For probability maps pass {option('threshold', '')} (binary) or "
-            f"{option('channel_axis', '')} (argmax)."
-            if dt.kind == "f"
-            else ""
-        )
-        raise InputError(
-            f"{role} has dtype {dt}: {what} values are not labels. Labels must be integers or bool.{hint}"
-        )
-    if not dt.isnative:
-        a = a.astype(dt.newbyteorder("="))
-        dt = a.dtype
-    if dt.kind == "i":
-        return a.view(np.dtype(f"u{dt.itemsize}")), 1 << (8 * dt.itemsize - 1)
-    return a, 0
-
-
-def _as_value(bits: int, dtype: np.dtype) -> int:
-    """The value of ``bits`` (the int64 pattern the kernel stored) read as ``dtype``."""
-    u = np.array(bits, dtype=np.int64).view(np.uint64)
-    if dtype.kind == "b":
-        return int(u)
-    unsigned = np.dtype(f"u{dtype.itemsize}")
-    return int(np.array(u, dtype=np.uint64).astype(unsigned).view(dtype.newbyteorder("=")))
-
-
-def _ignore_bits(ignore_label: int | None, dtype: np.dtype) -> tuple[int, bool]:
-    """Unsigned bit pattern of the ignore label in ``dtype``, and whether it can occur at all."""
-    if ignore_label is None:
-        return 0, False
-    if dtype.kind == "b":
-        return (int(ignore_label), True) if ignore_label in (0, 1) else (0, False)
-    info = np.iinfo(dtype)
-    if not info.min <= ignore_label <= info.max:
-        return 0, False
-    nat = dtype.newbyteorder("=")
-    bits = np.array(ignore_label, dtype=nat).view(np.dtype(f"u{nat.itemsize}"))
-    return int(bits), True
 
 
 def as_3d(a: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]]:
@@ -90,7 +57,7 @@ def as_3d(a: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]]:
     return [(idx, a[idx]) for idx in np.ndindex(a.shape[:-3])]
 
 
-class ConfusionMatrix:
+class ConfusionCounts:
     """Streaming, mergeable, picklable int64 confusion matrix (rows = gt, columns = pred).
 
     Parameters
@@ -113,7 +80,7 @@ class ConfusionMatrix:
     Examples
     --------
     >>> import numpy as np, fastseg_eval as fse
-    >>> acc = fse.ConfusionMatrix(3)
+    >>> acc = fse.ConfusionCounts(3)
     >>> acc.update(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]))   # pred, gt
     >>> acc.counts.tolist()   # rows = gt, columns = pred
     [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
@@ -133,7 +100,7 @@ class ConfusionMatrix:
         probability: ProbabilitySpec | None = None,
         memory_limit: Any = None,
     ) -> None:
-        self.ignore_label = _check_ignore(ignore_label)
+        self.ignore_label = check_ignore(ignore_label)
         self.dense_max = int(dense_max)
         if probability is None and (
             threshold is not None
@@ -163,13 +130,13 @@ class ConfusionMatrix:
             self._edges = probability.edges()
         self._config = (num_classes, None if labels is None else [int(x) for x in labels])
         self._poisoned: str | None = None
-        nlabels = len(labels) if labels is not None else _check_num_classes(num_classes)
+        nlabels = len(labels) if labels is not None else check_num_classes(num_classes)
         if nlabels is not None and memory_limit is not False:  # refuse what cannot fit, before allocating
             check_label_space(nlabels, dense_max=self.dense_max, memory_limit=memory_limit)
-        fixed = _fixed_labels(num_classes, labels, self.ignore_label)
+        fixed = fixed_labels(num_classes, labels, self.ignore_label)
         self._fixed = fixed is not None
         nfixed = 0 if fixed is None else len(fixed)
-        self._direct = fixed is not None and nfixed <= self.dense_max and _is_range(fixed)
+        self._direct = fixed is not None and nfixed <= self.dense_max and is_range(fixed)
         if self._fixed:
             kcap, dense = nfixed, nfixed <= self.dense_max
         else:
@@ -228,7 +195,7 @@ class ConfusionMatrix:
         vals = self._hvals[self._hvals >= 0]
         self._hkeys = np.zeros(cap, dtype=np.uint64)
         self._hvals = np.full(cap, -1, dtype=np.int32)
-        _reinsert(keys, vals, self._lut, self._hkeys, self._hvals)
+        insert_labels(keys, vals, self._lut, self._hkeys, self._hvals)
 
     def _marginal_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         k = self._kcap
@@ -236,7 +203,7 @@ class ConfusionMatrix:
 
     def _add_keys(self, keys: np.ndarray) -> np.ndarray:
         """Indices of label values ``keys`` (uint64), assigning new ones (in order) if needed."""
-        idx = _lookup_many(keys, self._lut, self._hkeys, self._hvals)
+        idx = lookup_labels(keys, self._lut, self._hkeys, self._hvals)
         new = np.flatnonzero(idx < 0)
         if len(new):
             newkeys = keys[new]
@@ -250,17 +217,58 @@ class ConfusionMatrix:
                 self._grow_hash(big)
             self._keys[n : n + len(newkeys)] = newkeys
             ids = np.arange(n, n + len(newkeys), dtype=np.int32)
-            _reinsert(newkeys, ids, self._lut, self._hkeys, self._hvals)
+            insert_labels(newkeys, ids, self._lut, self._hkeys, self._hvals)
             self._state[cpu.NLAB] = n + len(newkeys)
             self._state[cpu.HCOUNT] += big
-            idx = _lookup_many(keys, self._lut, self._hkeys, self._hvals)
+            idx = lookup_labels(keys, self._lut, self._hkeys, self._hvals)
         return idx
+
+    # ------------------------------------------------------------------ the reducer protocol
+    halo = 0
+    """Counting needs no context around a block (see :mod:`fastseg_eval.reducers.base`)."""
+
+    def add(self, block: Block) -> None:
+        """Count the core voxels of one block (rows = gt); see :meth:`add_chunk`."""
+        core = block.core
+        mask = None if block.mask is None else block.mask[core]
+        self.add_chunk(block.gt[core], block.pred[core], mask, offset=block.origin)
+
+    def finish(self) -> ConfusionCounts:
+        """The counts of a worker's accumulator: itself (merged by the engine)."""
+        return self
+
+    # ------------------------------------------------------------------ options, read back
+    @property
+    def config(self) -> tuple[int | None, list[int] | None]:
+        """(num_classes, labels) as given (both None when labels are discovered)."""
+        return self._config
+
+    @property
+    def label_source(self) -> str:
+        """Where the labels come from: ``"labels"``, ``"num_classes"`` or ``"discovered"``."""
+        num_classes, labels = self._config
+        return "labels" if labels is not None else "num_classes" if num_classes is not None else "discovered"
+
+    @property
+    def probability(self) -> ProbabilitySpec | None:
+        """How a probability map becomes labels (None for label volumes)."""
+        return self._prob
+
+    @property
+    def sweep_histogram(self) -> np.ndarray | None:
+        """Per class, positives / negatives by probability bin (threshold sweeps), else None."""
+        return self._hist if self._prob is not None and self._prob.bins else None
+
+    @property
+    def largest_probability(self) -> float:
+        """The largest value seen in float maps read with a scale (``prob_scale`` mistakes)."""
+        return self._prob_max
 
     # ------------------------------------------------------------------ counting
     def _check_usable(self) -> None:
         if self._poisoned:
             raise FastSegError(
-                f"this ConfusionMatrix holds partial counts of an update that failed ({self._poisoned}); "
+                f"this ConfusionCounts holds partial counts of an update that failed ({self._poisoned}); "
                 "call reset() or create a new one"
             )
 
@@ -289,11 +297,11 @@ class ConfusionMatrix:
         gv, g_signed = label_view(gt, "gt")
         pv, p_signed = label_view(pred, "pred")
         try:
-            self._count(gv, pv, mv, g_signed, p_signed, _ignore_bits(self.ignore_label, gt.dtype), gt, pred)
+            self._count(gv, pv, mv, g_signed, p_signed, ignore_bits(self.ignore_label, gt.dtype), gt, pred)
         except LabelError as e:
             full = _shifted(e.position, offset)
             e.position = full
-            e.args = (_label_message(e.role, e.value, full, self),)
+            e.args = (label_message(e.role, e.value, full, *self._config),)
             self._poisoned = str(e)
             raise
 
@@ -322,7 +330,7 @@ class ConfusionMatrix:
             self._prob_max = max(self._prob_max, float(np.fmax.reduce(prob, axis=None)))
         out = np.empty(gt.shape, dtype=np.uint8 if spec.channels <= 256 else np.uint16)
         gv, _ = label_view(gt, "gt")
-        ignore, has_ignore = _ignore_bits(self.ignore_label, gt.dtype)
+        ignore, has_ignore = ignore_bits(self.ignore_label, gt.dtype)
         hist = self._hist if spec.bins else _NO_HIST
         fstate = np.zeros(1, dtype=np.float64)
         pieces = _pieces(gv, prob, mv, channels=spec.mode == "argmax")
@@ -426,9 +434,9 @@ class ConfusionMatrix:
 
     def _raise_bad(self, status: int, position: Any, gt: np.ndarray, pred: np.ndarray) -> None:
         role = "gt" if status == cpu.BAD_GT else "pred"
-        value = _as_value(int(self._state[cpu.VALUE]), (gt if role == "gt" else pred).dtype)
+        value = value_of(int(self._state[cpu.VALUE]), (gt if role == "gt" else pred).dtype)
         pos = tuple(int(x) for x in position)
-        raise LabelError(_label_message(role, value, pos, self), role=role, value=value, position=pos)
+        raise LabelError(label_message(role, value, pos, *self._config), role=role, value=value, position=pos)
 
     def _fold(self) -> None:
         """Move counts of the raw 8-bit table (discovery) into the label space."""
@@ -448,27 +456,17 @@ class ConfusionMatrix:
                 mine[idx] += theirs
         raw[:] = 0
 
-    def update(self, pred: Any, gt: Any, mask: Any = None, **engine_options: Any) -> ConfusionMatrix:
-        """Add the counts of one batch (prediction first, ground truth second).
-
-        Accepts what :func:`fastseg_eval.evaluate` accepts: numpy arrays (and array-likes such as
-        CPU tensors), dask arrays, zarr arrays and zarr paths. Returns ``self``.
-        """
-        from .engine import count_into  # local import: engine depends on this module
-
-        count_into(self, pred, gt, mask, **engine_options)
-        return self
 
     # ------------------------------------------------------------------ combining
-    def spawn(self) -> ConfusionMatrix:
+    def spawn(self) -> ConfusionCounts:
         """An empty accumulator with the same label space and options (for another worker)."""
         num_classes, labels = self._config
-        return ConfusionMatrix(
+        return type(self)(
             num_classes, labels=labels, ignore_label=self.ignore_label, dense_max=self.dense_max,
             probability=self._prob, channel_axis=self.channel_axis, memory_limit=False,
         )  # fmt: skip
 
-    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+    def merge(self, other: ConfusionCounts) -> ConfusionCounts:
         """Add the counts of ``other`` into this accumulator (label spaces are unified). Returns ``self``."""
         self._fold()
         other._fold()
@@ -485,7 +483,7 @@ class ConfusionMatrix:
         n_other = int(other._state[cpu.NLAB])
         keys = other._keys[:n_other]
         if self._fixed:
-            idx = _lookup_many(keys, self._lut, self._hkeys, self._hvals)
+            idx = lookup_labels(keys, self._lut, self._hkeys, self._hvals)
             missing = keys[idx < 0]
             if len(missing):
                 # labels the other side has but that carry no counts can be dropped safely
@@ -519,11 +517,11 @@ class ConfusionMatrix:
             self._prob_max = max(self._prob_max, other._prob_max)
         return self
 
-    def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
+    def __add__(self, other: ConfusionCounts) -> ConfusionCounts:
         out = self.copy()
         return out.merge(other)
 
-    def copy(self) -> ConfusionMatrix:
+    def copy(self) -> ConfusionCounts:
         """A deep copy."""
         import copy
 
@@ -629,15 +627,6 @@ class ConfusionMatrix:
         """Voxels skipped because the mask is zero there."""
         return int(self._state[cpu.NMASKED])
 
-    def result(self, **options: Any):
-        """Metrics of the counts so far: an :class:`~fastseg_eval.report.EvaluationResult`.
-
-        Keyword options are those of :func:`fastseg_eval.evaluate` that act on the matrix
-        (``tversky_alpha``, ``tversky_beta``, ``smooth``, ``empty``, ``label_names``, ...).
-        """
-        from .report import result_from_counts
-
-        return result_from_counts(self, **options)
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -688,14 +677,14 @@ class ConfusionMatrix:
         self._state[cpu.NMASKED] = st["n_masked"]
         self._poisoned = st["poisoned"]
 
-    def __deepcopy__(self, memo: dict) -> ConfusionMatrix:
-        new = ConfusionMatrix.__new__(ConfusionMatrix)
+    def __deepcopy__(self, memo: dict) -> ConfusionCounts:
+        new = type(self).__new__(type(self))
         new.__setstate__(self.__getstate__())
         return new
 
     def __repr__(self) -> str:
         mode = "dense" if self._dense else "diagonal+marginals"
-        return f"ConfusionMatrix(num_classes={self.num_classes}, n_voxels={self.n_voxels}, mode={mode})"
+        return f"ConfusionCounts(num_classes={self.num_classes}, n_voxels={self.n_voxels}, mode={mode})"
 
 
 _NO_MASK = np.ones((1, 1, 1), dtype=np.uint8)
@@ -772,99 +761,3 @@ def _resized(a: np.ndarray, n: int) -> np.ndarray:
     m = min(n, len(a))
     out[:m] = a[:m]
     return out
-
-
-def _check_ignore(ignore_label: Any) -> int | None:
-    if ignore_label is None:
-        return None
-    if isinstance(ignore_label, bool) or not isinstance(ignore_label, (int, np.integer)):
-        raise OptionError(f"ignore_label must be an integer, got {ignore_label!r}")
-    return int(ignore_label)
-
-
-def _is_range(labels: Any) -> bool:
-    if isinstance(labels, np.ndarray):
-        return bool(np.array_equal(labels, np.arange(len(labels), dtype=labels.dtype)))
-    return all(v == i for i, v in enumerate(labels))
-
-
-def _check_num_classes(num_classes: Any) -> int | None:
-    if num_classes is None:
-        return None
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise OptionError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return int(num_classes)
-
-
-def _fixed_labels(num_classes: Any, labels: Any, ignore_label: int | None) -> Any:
-    if num_classes is not None and labels is not None:
-        labels = [int(x) for x in labels]
-        if len(labels) != num_classes:
-            raise OptionError(
-                f"{option('num_classes', num_classes)} but {option('labels')} has {len(labels)} labels; "
-                "pass one of them"
-            )
-    if labels is not None:
-        explicit = num_classes is None
-        out = []
-        for x in labels:
-            if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-                raise OptionError(f"labels must be integers, got {x!r}")
-            if int(x) < 0:
-                raise OptionError(f"labels must be non-negative, got {int(x)}")
-            if int(x) >= 1 << 64:
-                raise OptionError(f"label {int(x)} does not fit in 64 bits")
-            out.append(int(x))
-        if len(set(out)) != len(out):
-            dup = next(x for x in out if out.count(x) > 1)
-            raise OptionError(f"labels must be unique, {dup} appears twice")
-        if not out:
-            raise OptionError("labels is empty; give at least one label")
-        if explicit and ignore_label is not None and ignore_label in out:
-            raise OptionError(
-                f"{option('ignore_label')} {ignore_label} is also listed in {option('labels')}; "
-                "remove it from one of them"
-            )
-        return out
-    if num_classes is not None:
-        return np.arange(_check_num_classes(num_classes), dtype=np.uint64)
-    return None
-
-
-def _label_message(role: str, value: int, position: tuple[int, ...] | None, acc: ConfusionMatrix) -> str:
-    where = f" at voxel {tuple(position)}" if position is not None else ""
-    if value < 0:
-        why = "negative labels cannot be counted"
-        if role == "gt":
-            why += f"; if it marks voxels to skip, pass {option('ignore_label', value)}"
-    elif acc._config[1] is not None:
-        why = (
-            f"it is not among the given labels; add it to {option('labels')} or, in gt, "
-            f"pass {option('ignore_label', value)}"
-        )
-    elif acc._config[0] is not None:
-        k = acc._config[0]
-        why = f"{option('num_classes', k)} allows 0..{k - 1}; raise {option('num_classes')}"
-        if role == "gt":
-            why += f" or pass {option('ignore_label', value)}"
-    else:
-        why = "it cannot be counted"
-    return f"{role} has label {value}{where}: {why}"
-
-
-# small numba helpers for Python-side label bookkeeping ----------------------------------------
-from .kernels.jit import njit  # noqa: E402  (numba.njit, on-disk cache outside the package)
-
-
-@njit(cache=True)
-def _lookup_many(keys, lut, hkeys, hvals):
-    out = np.empty(keys.shape[0], dtype=np.int64)
-    for i in range(keys.shape[0]):
-        out[i] = cpu.lookup_label(keys[i], lut, hkeys, hvals)
-    return out
-
-
-@njit(cache=True)
-def _reinsert(keys, vals, lut, hkeys, hvals):
-    for i in range(keys.shape[0]):
-        cpu.insert_label(keys[i], vals[i], lut, hkeys, hvals)

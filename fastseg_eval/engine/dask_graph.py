@@ -1,7 +1,7 @@
 """Dask engine: one counting task per work unit, partial accumulators tree-summed in the graph.
 
 Used for dask inputs and whenever a ``scheduler`` is given (dask's local schedulers, or
-dask.distributed: see :mod:`fastseg_eval.distributed` for the accepted forms).
+dask.distributed: see :mod:`fastseg_eval.engine.cluster` for the accepted forms).
 
 Work units
     With a dask input, a unit is one block of the dask inputs' common chunk grid
@@ -17,8 +17,15 @@ What travels
     cached per process) and reads its unit's region of every input. Dask inputs travel as their
     own graph. numpy inputs already live on the client: local schedulers get views, a
     distributed cluster gets each unit's slab scattered to a worker. Each counting task returns a
-    small :class:`~fastseg_eval.confusion.ConfusionMatrix`; partials are merged ``fan_in`` at a
+    small list of reducer partials (one per reducer of the run); partials are merged ``fan_in`` at a
     time inside the graph, so only the final accumulator comes back to the client.
+
+Reducers and halos
+    Each counting task spawns every reducer of the run, adds its unit and returns the partials;
+    merge tasks sum them element by element. When a reducer asks for a halo, each unit's region
+    of every input is read once by a task of its own, and the task that counts a unit also takes
+    the read tasks of the neighbouring units its grown region overlaps (dask's ``map_overlap``
+    idea): chunks are still decoded once, and only halo slices are copied.
 
 Failure
     Every task is a pure function of its arguments (a fresh counter per task, merges copy),
@@ -31,11 +38,10 @@ Failure
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
-import os
-import threading
 import time
 import uuid
 import warnings
@@ -46,14 +52,22 @@ from typing import Any
 
 import numpy as np
 
-from .confusion import ConfusionMatrix
-from .engine import RunStats, auto_chunks, boundaries, finish_counter, make_counter
-from .errors import BackendError, InputError
-from .sources import Volume
+from fastseg_eval.engine.plan import (
+    Region,
+    RunStats,
+    auto_chunks,
+    boundaries,
+    core_slices,
+    default_workers,
+    grow,
+    interval_index,
+)
+from fastseg_eval.errors import BackendError
+from fastseg_eval.io.locator import ZarrSource, locate
+from fastseg_eval.io.volume import Volume
+from fastseg_eval.reducers.base import Block, Reducer
 
 log = logging.getLogger("fastseg_eval")
-
-Region = tuple[tuple[int, int], ...]  # (start, stop) per axis
 
 UNIT_VOXELS = 1 << 22
 """Target voxels per counting task for zarr and numpy inputs (small chunks are grouped up to it)."""
@@ -64,142 +78,6 @@ FAN_IN = 8
 NUMPY_RETRIES: int | None = None
 """Re-submissions of a distributed run whose scattered numpy slabs died with their worker
 (None: dask's own limit, ``distributed.scheduler.allowed-failures``)."""
-
-
-# ------------------------------------------------------------------------ zarr inputs on workers
-@dataclass(frozen=True)
-class Locator:
-    """Where a zarr array lives, in a form any worker can reopen: never the data itself."""
-
-    store: str  # "local" | "zip" | "fsspec"
-    location: str  # directory, zip file or URL of the store root
-    path: str  # node path of the array inside the store ("" for a root array)
-    storage_options: tuple[tuple[str, Any], ...] = ()
-
-    def open(self) -> Any:
-        import zarr
-        import zarr.storage
-
-        if self.store == "local":
-            store: Any = zarr.storage.LocalStore(self.location, read_only=True)
-        elif self.store == "zip":
-            store = zarr.storage.ZipStore(self.location, mode="r")
-        else:
-            store = zarr.storage.FsspecStore.from_url(
-                self.location, storage_options=dict(self.storage_options) or None, read_only=True
-            )
-        return zarr.open_array(store=store, path=self.path or None, mode="r")
-
-    def describe(self) -> str:
-        return f"{self.location}" + (f" (node {self.path})" if self.path else "")
-
-    def cache_key(self) -> tuple[str, str, str, str]:
-        # storage option values may be unhashable (nested dicts): key on their repr
-        return (self.store, self.location, self.path, repr(self.storage_options))
-
-
-def locate(vol: Volume) -> Locator | None:
-    """A :class:`Locator` for a zarr volume, or None when its store cannot be reopened elsewhere
-    (an in-memory store, a wrapper store)."""
-    import zarr.storage
-
-    arr = vol.array
-    store = arr.store
-    node = str(arr.path or "")
-    if isinstance(store, zarr.storage.LocalStore):
-        return Locator("local", os.path.abspath(store.root), node)
-    if isinstance(store, zarr.storage.ZipStore):
-        return Locator("zip", os.path.abspath(store.path), node)
-    if isinstance(store, zarr.storage.FsspecStore):
-        remote = vol.url is not None and "://" in vol.url and not vol.url.startswith("file://")
-        if remote:
-            url, opts = vol.url, dict(vol.storage_options or {})
-        else:
-            url = store.fs.unstrip_protocol(store.path)
-            opts = {k: v for k, v in (store.fs.storage_options or {}).items() if k != "asynchronous"}
-        return Locator("fsspec", str(url), node, tuple(sorted(opts.items())))
-    return None
-
-
-_OPEN: dict[tuple[str, str, str, str], Any] = {}
-_OPEN_LOCK = threading.Lock()
-_OPEN_MAX = 64
-
-
-class ZarrSource:
-    """A zarr input as tasks see it: the locator, the expected shape and dtype, and (only in
-    the process that made it) the already-open array. Pickles to the locator alone."""
-
-    def __init__(self, vol: Volume, locator: Locator | None):
-        self.role, self.source, self.locator = vol.role, vol.source, locator
-        self.shape, self.dtype = vol.shape, vol.dtype  # of the stored array, to check a reopened one
-        self.chunks = vol.spatial_chunks  # the grid units are planned on (no channel axis)
-        self.channel_axis = vol.channel_axis
-        self._array = vol.array
-
-    def __getstate__(self) -> dict[str, Any]:
-        st = dict(self.__dict__)
-        if self.locator is not None:
-            st["_array"] = None  # reopened by path on the other side
-        return st
-
-    def __setstate__(self, st: dict[str, Any]) -> None:
-        self.__dict__.update(st)
-
-    def _open(self, fresh: bool = False) -> Any:
-        if self._array is not None and not fresh:
-            return self._array
-        loc = self.locator
-        assert loc is not None
-        with _OPEN_LOCK:
-            arr = None if fresh else _OPEN.get(loc.cache_key())
-        if arr is None:
-            try:
-                arr = loc.open()
-            except Exception as e:
-                raise InputError(
-                    f"{self.role} ({self.source}): cannot open {loc.describe()} on worker {_worker_name()}: "
-                    f"{type(e).__name__}: {e}. The store must be reachable from every worker "
-                    "(a shared filesystem path, or an object-store URL with storage options)"
-                ) from e
-            with _OPEN_LOCK:
-                if len(_OPEN) >= _OPEN_MAX:
-                    _OPEN.pop(next(iter(_OPEN)))
-                _OPEN[loc.cache_key()] = arr
-        if tuple(arr.shape) != self.shape or np.dtype(arr.dtype) != self.dtype:
-            if not fresh:
-                return self._open(fresh=True)  # a stale handle of a rewritten store
-            raise InputError(
-                f"{self.role} ({self.source}): on worker {_worker_name()} the array has shape "
-                f"{tuple(arr.shape)} and dtype {arr.dtype}, not {self.shape} {self.dtype} as on the "
-                "client; the store changed during the run or the worker sees a different copy"
-            )
-        return arr
-
-    def __getitem__(self, region: tuple[slice, ...]) -> np.ndarray:
-        """Voxels of ``region`` (a tuple of slices) as a numpy array."""
-        arr = self._open()
-        ax = self.channel_axis
-        try:
-            if ax is None:
-                return np.asarray(arr[region])
-            # a probability map: every channel, channel axis last (as Volume.read)
-            return np.moveaxis(np.asarray(arr[region[:ax] + (slice(None),) + region[ax:]]), ax, -1)
-        except Exception as e:  # a codec or store error: name the input and the region
-            where = ", ".join(f"{s.start}:{s.stop}" for s in region)
-            raise InputError(
-                f"{self.role} ({self.source}): cannot read voxels [{where}] on worker {_worker_name()}: "
-                f"{type(e).__name__}: {e}. The chunk file may be truncated or corrupted."
-            ) from e
-
-
-def _worker_name() -> str:
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().address)
-    except (ImportError, ValueError):
-        return "(local)"
 
 
 class Read:
@@ -221,28 +99,72 @@ class Read:
 
 
 # ------------------------------------------------------------------------------ the task bodies
+def _array(x: Any) -> Any:
+    return x.load() if isinstance(x, Read) else None if x is None else np.asarray(x)
+
+
+def _add_all(templates: Sequence[Reducer], block: Block) -> list[Any]:
+    """Fresh reducers (one per template) fed ``block``; their partials."""
+    out = []
+    for t in templates:
+        r = t.spawn()
+        r.add(block.with_halo(int(t.halo)))
+        out.append(r.finish())
+    return out
+
+
 def count_unit(
-    template: ConfusionMatrix,
-    backend: str,
-    offset: tuple[int, ...],
-    gt: Any,
-    pred: Any,
-    mask: Any = None,
-) -> ConfusionMatrix:
-    """Count one unit into a fresh accumulator (a pure function of its arguments)."""
-    arrays = [
-        x.load() if isinstance(x, Read) else None if x is None else np.asarray(x) for x in (gt, pred, mask)
-    ]
-    counter = make_counter(template, backend)
-    counter.add_chunk(arrays[0], arrays[1], arrays[2], offset=offset)
-    return finish_counter(counter)
+    templates: Sequence[Reducer], shape: tuple[int, ...], offset: tuple[int, ...], gt: Any, pred: Any, mask: Any = None
+) -> list[Any]:
+    """Every reducer's partial for one unit (a pure function of its arguments)."""
+    g, p, m = _array(gt), _array(pred), _array(mask)
+    core = tuple(slice(0, n) for n in g.shape)
+    return _add_all(templates, Block(gt=g, pred=p, mask=m, origin=tuple(offset), core=core, shape=shape))
 
 
-def merge_partials(*parts: ConfusionMatrix) -> ConfusionMatrix:
-    """Sum partial accumulators into a new one (the inputs are not changed)."""
-    out = parts[0].copy()
-    for p in parts[1:]:
-        out.merge(p)
+def count_grown_unit(
+    templates: Sequence[Reducer],
+    shape: tuple[int, ...],
+    unit: Region,
+    grown: Region,
+    halo: int,
+    parts: Sequence[Sequence[tuple[Region, Any]]],
+) -> list[Any]:
+    """Every reducer's partial for one unit read with a halo: ``parts`` holds, per input (gt, pred,
+    mask), the (region, array) of each neighbouring unit the grown region overlaps."""
+    arrays: list[np.ndarray | None] = []
+    for pieces in parts:
+        if not pieces:
+            arrays.append(None)
+            continue
+        out = None
+        for region, piece in pieces:
+            a = _array(piece)
+            if out is None:
+                extra = a.shape[len(grown) :]  # a probability map's channel axis
+                out = np.empty(tuple(b - lo for lo, b in grown) + extra, dtype=a.dtype)
+            dst = tuple(slice(max(lo, r0) - lo, min(hi, r1) - lo) for (lo, hi), (r0, r1) in zip(grown, region))
+            src = tuple(slice(max(lo, r0) - r0, min(hi, r1) - r0) for (lo, hi), (r0, r1) in zip(grown, region))
+            out[dst] = a[src]
+        arrays.append(out)
+    block = Block(
+        gt=arrays[0], pred=arrays[1], mask=arrays[2], origin=tuple(a for a, _ in unit),
+        core=core_slices(unit, grown), shape=shape, halo=halo,
+    )  # fmt: skip
+    return _add_all(templates, block)
+
+
+def load(piece: Any) -> np.ndarray:
+    """A unit's region of one input, as a task of its own (shared by the neighbours' halos)."""
+    return _array(piece)
+
+
+def merge_partials(*parts: list[Any]) -> list[Any]:
+    """Sum lists of partials element by element into new ones (the inputs are not changed)."""
+    out = [copy.deepcopy(p) for p in parts[0]]
+    for more in parts[1:]:
+        for mine, theirs in zip(out, more):
+            mine.merge(theirs)
     return out
 
 
@@ -305,6 +227,23 @@ def plan_units(
     return [tuple(u) for u in itertools.product(*per_axis)]
 
 
+def _unit_grid(units: list[Region]) -> list[list[int]]:
+    """Per-axis boundaries of units that form a product grid in C order (as the planners make)."""
+    ndim = len(units[0])
+    bounds = [sorted({u[a][0] for u in units} | {u[a][1] for u in units}) for a in range(ndim)]
+    expected = math.prod(len(b) - 1 for b in bounds)
+    if expected != len(units):  # pragma: no cover - the planners only make product grids
+        raise AssertionError("work units do not form a grid")
+    return bounds
+
+
+def _units_overlapping(bounds: list[list[int]], region: Region) -> list[int]:
+    """Indices (C order) of the grid's units that overlap ``region``."""
+    ranges = [range(interval_index(b, lo), interval_index(b, hi - 1) + 1) for b, (lo, hi) in zip(bounds, region)]
+    dims = [len(b) - 1 for b in bounds]
+    return [int(np.ravel_multi_index(idx, dims)) for idx in itertools.product(*ranges)]
+
+
 def _chunks_touched(region: Region, chunks: Sequence[int]) -> int:
     return math.prod((b - 1) // c - a // c + 1 for (a, b), c in zip(region, chunks))
 
@@ -349,12 +288,11 @@ class Graph:
 
 
 def build_graph(
-    template: ConfusionMatrix,
+    templates: Sequence[Reducer],
     gv: Volume,
     pv: Volume,
     mv: Volume | None,
     *,
-    backend: str = "cpu",
     client: Any = None,
     target: int | None = None,
 ) -> Graph:
@@ -368,7 +306,8 @@ def build_graph(
     target = UNIT_VOXELS if target is None else target
     vols = [v for v in (gv, pv, mv) if v is not None]
     run = uuid.uuid4().hex[:12]
-    shape = gv.shape
+    shape = tuple(gv.shape)
+    halo = max((int(t.halo) for t in templates), default=0)
     locators = {v.role: locate(v) for v in vols if v.kind == "zarr"}
     # zarr arrays that cannot be reopened elsewhere are read on the client, like numpy arrays
     here = {
@@ -409,7 +348,6 @@ def build_graph(
             return Read(sources[v.role], region)
         return v.read(tuple(slice(a, b) for a, b in region))
 
-    count = dask.delayed(count_unit, pure=True)
     parts, voxels = [], {}
     pieces: list[list[Any]] = [[piece(v, i, u) for v in vols] for i, u in enumerate(units)]
     scattered = False
@@ -419,12 +357,32 @@ def build_graph(
         for (i, j), f in zip(flat, futures):
             pieces[i][j] = f
         scattered = True
-    for i, (unit, args) in enumerate(zip(units, pieces)):
-        key = f"fastseg-count-{run}-{i}"
-        offset = tuple(a for a, _ in unit)
-        mask_arg = args[2] if mv is not None else None
-        parts.append(count(template, backend, offset, args[0], args[1], mask_arg, dask_key_name=key))
-        voxels[key] = math.prod(b - a for a, b in unit)
+    if halo == 0:  # each unit read inside the task that counts it
+        count = dask.delayed(count_unit, pure=True)
+        for i, (unit, args) in enumerate(zip(units, pieces)):
+            key = f"fastseg-count-{run}-{i}"
+            offset = tuple(a for a, _ in unit)
+            mask_arg = args[2] if mv is not None else None
+            parts.append(count(templates, shape, offset, args[0], args[1], mask_arg, dask_key_name=key))
+            voxels[key] = math.prod(b - a for a, b in unit)
+    else:  # each unit read once as a task of its own; a unit's task also takes its neighbours'
+        loader = dask.delayed(load, pure=True)
+        loaded = [
+            [p if not isinstance(p, Read) else loader(p, dask_key_name=f"fastseg-read-{run}-{i}-{j}")
+             for j, p in enumerate(args)]
+            for i, args in enumerate(pieces)
+        ]  # fmt: skip
+        grid = _unit_grid(units)
+        count = dask.delayed(count_grown_unit, pure=True)
+        for i, unit in enumerate(units):
+            key = f"fastseg-count-{run}-{i}"
+            grown = grow(unit, halo, shape)
+            near = _units_overlapping(grid, grown)
+            per_input = [[(units[k], loaded[k][j]) for k in near] for j in range(len(vols))]
+            if mv is None:
+                per_input.append([])
+            parts.append(count(templates, shape, unit, grown, halo, per_input, dask_key_name=key))
+            voxels[key] = math.prod(b - a for a, b in unit)
     decoded = {r: sum(_chunks_touched(u, s.chunks) for u in units) for r, s in sources.items()}
     total_chunks = {r: math.prod(len(b) - 1 for b in boundaries(shape, s.chunks)) for r, s in sources.items()}
     total = tree_sum(parts, name=f"fastseg-merge-{run}") if parts else None
@@ -444,7 +402,7 @@ def _local_progress(voxels: dict[str, int], progress: Callable[[int], None]) -> 
     return Callback(posttask=posttask)
 
 
-def _compute_local(graph: Graph, scheduler: Any, progress: Callable[[int], None] | None) -> ConfusionMatrix:
+def _compute_local(graph: Graph, scheduler: Any, progress: Callable[[int], None] | None) -> list[Any]:
     import dask
 
     cm = _local_progress(graph.voxels, progress) if progress is not None else nullcontext()
@@ -454,7 +412,7 @@ def _compute_local(graph: Graph, scheduler: Any, progress: Callable[[int], None]
     return result
 
 
-def _compute_client(client: Any, graph: Graph, progress: Callable[[int], None] | None) -> ConfusionMatrix:
+def _compute_client(client: Any, graph: Graph, progress: Callable[[int], None] | None) -> list[Any]:
     from distributed import as_completed
 
     if progress is None:
@@ -525,26 +483,25 @@ def _cluster_error(e: Exception) -> Exception:
 
 
 def run_dask(
-    acc: ConfusionMatrix,
+    reducers: Sequence[Reducer],
     gv: Volume,
     pv: Volume,
     mv: Volume | None,
     *,
     scheduler: Any = None,
     progress: Callable[[int], None] | None = None,
-    backend: str = "cpu",
     target: int | None = None,
 ) -> RunStats:
-    """Count ``gt`` / ``pred`` / ``mask`` with a dask graph and merge the result into ``acc``.
+    """Run ``reducers`` over ``gt`` / ``pred`` / ``mask`` as a dask graph; merge the results into them.
 
-    ``scheduler`` is anything :func:`fastseg_eval.distributed.resolve_scheduler` accepts.
+    ``scheduler`` is anything :func:`fastseg_eval.engine.cluster.resolve_scheduler` accepts.
     ``progress`` receives the voxel count of each counting task as it finishes (once per
-    task, also when a lost task had to be recomputed). ``acc`` changes only on success.
+    task, also when a lost task had to be recomputed). The reducers change only on success.
     """
-    from .distributed import connect, resolve_scheduler
+    from fastseg_eval.engine.cluster import connect, resolve_scheduler
 
     spec = resolve_scheduler(scheduler)
-    template = acc.spawn()
+    templates = [r.spawn() for r in reducers]  # empty and picklable: they travel in every task
     with connect(spec) as session:
         client = session.client
         attempts = 1 + (_numpy_retries() if client is not None else 0)
@@ -558,7 +515,7 @@ def run_dask(
         for attempt in range(attempts):
             graph = None
             try:
-                graph = build_graph(template, gv, pv, mv, backend=backend, client=client, target=target)
+                graph = build_graph(templates, gv, pv, mv, client=client, target=target)
                 if graph.total is None:
                     return RunStats(engine=session.label, workers=0, units=0)
                 # a re-submitted run reports only what the failed attempt did not, at the end
@@ -594,10 +551,9 @@ def run_dask(
         else:
             import dask
 
-            from .engine import default_workers
-
             nworkers = int(dask.config.get("num_workers", None) or default_workers())
-    acc.merge(result)
+    for r, part in zip(reducers, result):
+        r.merge(part)
     if progress is not None and attempt > 0:
         progress(max(0, math.prod(gv.shape) - reported))
     return RunStats(

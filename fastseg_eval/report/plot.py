@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import FastSegError
+from fastseg_eval.errors import FastSegError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .report import EvaluationResult
+    from fastseg_eval.report.result import EvaluationResult
 
 MISSING_MATPLOTLIB = "plots need matplotlib, which is not installed: pip install 'fastseg-eval[plot]'"
 MAX_BARS = 30

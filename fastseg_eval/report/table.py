@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .report import EvaluationResult
+    from fastseg_eval.report.result import EvaluationResult
 
 TABLE_METRICS = ("dice", "iou", "precision", "recall", "specificity")
 """Metric columns shown by default (when the user selected no metrics)."""

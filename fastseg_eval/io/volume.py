@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, option
+from fastseg_eval.errors import InputError, option
 
 ROLES = {"pred": "prediction", "gt": "ground truth", "mask": "mask"}
 
@@ -106,7 +106,7 @@ class Volume:
             return self.array[region]
         if self.kind == "zarr":
             if self._reader is False:
-                from .chunkread import chunk_reader
+                from fastseg_eval.io.chunkread import chunk_reader
 
                 self._reader = chunk_reader(self.array, self.role, self.source)
             if self._reader is not None and all(
@@ -437,7 +437,7 @@ def check_chunks(vols: Sequence[Volume | None], workers: int, memory_limit: Any 
     misaligned grids), so a chunk of several GiB cannot be read by any number of workers; the
     message says so instead of running out of memory half-way.
     """
-    from .memory import format_bytes, memory_budget
+    from fastseg_eval.memory import format_bytes, memory_budget
 
     need = 0
     for v in vols:

@@ -27,8 +27,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BackendError, OptionError
-from .interrupts import deferred_signals
+from fastseg_eval.errors import BackendError, OptionError
+from fastseg_eval.interrupts import deferred_signals
 
 log = logging.getLogger("fastseg_eval")
 
@@ -150,7 +150,7 @@ def _resolve(scheduler: Any) -> SchedulerSpec:
         if m:
             n = m.group("n")
             if n is None:
-                from .engine import default_workers
+                from fastseg_eval.engine.plan import default_workers
 
                 return SchedulerSpec("local-cluster", default_workers())
             if not n.isdigit() or int(n) < 1:

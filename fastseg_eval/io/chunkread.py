@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from fastseg_eval.errors import InputError
 
 
 def chunk_reader(arr: Any, role: str, source: str) -> ChunkReader | None:

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from .errors import FastSegError, OptionError
+from fastseg_eval.errors import FastSegError, OptionError
 
 T = TypeVar("T")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .errors import BackendError, OptionError
+from fastseg_eval.errors import BackendError, OptionError
 
 log = logging.getLogger("fastseg_eval")
 
@@ -16,7 +16,7 @@ def cuda_status() -> tuple[bool, str]:
     """Whether the CUDA backend can run here, and why not if it cannot."""
     simulated = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     try:
-        from .kernels import cuda as _cuda  # noqa: F401
+        from fastseg_eval.kernels import cuda as _cuda  # noqa: F401
     except ImportError as e:
         return False, (
             f"the CUDA backend is not available ({e}); install numba-cuda with "

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import metrics as M
-from ._version import __version__
-from .errors import Message, option
-from .probability import curves, scale_mistake
+from fastseg_eval._version import __version__
+from fastseg_eval.errors import Message, option
+from fastseg_eval.metrics import formulas as M
+from fastseg_eval.metrics.curves import curves
+from fastseg_eval.reducers.probability import scale_mistake
 
 if TYPE_CHECKING:
-    from .confusion import ConfusionMatrix
+    from fastseg_eval.reducers.confusion import ConfusionCounts
 
 COUNT_KEYS = ("tp", "fp", "fn", "tn", "support", "predicted")
 WARN_LABELS = 20
@@ -266,7 +267,7 @@ class EvaluationResult:
 
     def to_table(self, *, color: bool = False, metrics: Sequence[str] | None = None) -> str:
         """A plain-text table for people (fits 80 columns with the default metrics)."""
-        from .table import format_table
+        from fastseg_eval.report.table import format_table
 
         return format_table(self, color=color, metrics=metrics)
 
@@ -304,7 +305,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def result_from_counts(
-    acc: ConfusionMatrix,
+    acc: ConfusionCounts,
     *,
     metrics: Sequence[str] | str | None = None,
     tversky_alpha: float = 0.5,
@@ -364,7 +365,7 @@ def result_from_counts(
         n_masked=acc.n_masked,
         metrics=names,
         options={
-            "labels_from": _labels_from(acc),
+            "labels_from": acc.label_source,
             "ignore_label": acc.ignore_label,
             "background_label": background_label,
             **opts,
@@ -378,12 +379,12 @@ def result_from_counts(
         per_class_limit=per_class_limit,
         class_table=table,
     )
-    spec = acc._prob
+    spec = acc.probability
     if spec is not None and spec.bins:
         curve_labels = [1] if spec.mode == "threshold" else list(range(spec.channels))
-        res.curves = LabelDict(curves(acc._hist, spec, curve_labels))
+        res.curves = LabelDict(curves(acc.sweep_histogram, spec, curve_labels))
     res.warnings = [*warnings, *diagnose(res, counts, background_label)]
-    mistake = scale_mistake(spec, acc._prob_max)  # evaluate() refuses it; a streaming result warns
+    mistake = scale_mistake(spec, acc.largest_probability)  # evaluate() refuses it; a streaming result warns
     if mistake:
         res.warnings.append(Message(mistake))
     shown = res.reported_labels()
@@ -404,7 +405,7 @@ def result_from_counts(
 
 
 def check_metric_options(tversky_alpha: float, tversky_beta: float, smooth: float) -> None:
-    from .errors import OptionError
+    from fastseg_eval.errors import OptionError
 
     for name, v in (("tversky_alpha", tversky_alpha), ("tversky_beta", tversky_beta), ("smooth", smooth)):
         if not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v) or v < 0:
@@ -422,14 +423,6 @@ def _void_values(gt_input: Mapping[str, Any] | None) -> set[int]:
         out.add(int(np.iinfo(dt).max))
     return out
 
-
-def _labels_from(acc: ConfusionMatrix) -> str:
-    num_classes, labels = acc._config
-    if labels is not None:
-        return "labels"
-    if num_classes is not None:
-        return "num_classes"
-    return "discovered"
 
 
 def diagnose(res: EvaluationResult, counts: dict[str, np.ndarray], background_label: int | None) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import OptionError
+from fastseg_eval.errors import OptionError
 
 EMPTY_POLICIES = ("nan", "zero", "one")
 
