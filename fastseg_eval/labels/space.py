@@ -135,6 +135,18 @@ def fixed_labels(num_classes: Any, labels: Any, ignore_label: int | None) -> Any
     return None
 
 
+def table_capacity(kcap: int, need: int, dense: bool, dense_max: int) -> tuple[int, bool]:
+    """Capacity and storage of a count table grown to hold ``need`` labels: capacity doubles until
+    it fits; a dense K x K table stays dense while ``need <= dense_max`` (capped there), else the
+    table switches to the diagonal + marginals (3 x K)."""
+    while kcap < need:
+        kcap *= 2
+    dense = dense and need <= dense_max
+    if dense:
+        kcap = min(kcap, dense_max)
+    return kcap, dense
+
+
 def label_message(
     role: str, value: int, position: tuple[int, ...] | None, num_classes: int | None, labels: Any
 ) -> str:

@@ -38,6 +38,7 @@ from fastseg_eval.labels.space import (
     label_message,
     label_view,
     lookup_labels,
+    table_capacity,
     value_of,
 )
 from fastseg_eval.memory import check_label_space
@@ -165,12 +166,7 @@ class ConfusionCounts:
         """Make room for at least ``need`` labels, switching to marginals past ``dense_max``."""
         old_k, old_acc, old_dense = self._kcap, self._acc, self._dense
         n = int(self._state[cpu.NLAB])
-        kcap = old_k
-        while kcap < need:
-            kcap *= 2
-        dense = old_dense and need <= self.dense_max
-        if dense:
-            kcap = min(kcap, self.dense_max)
+        kcap, dense = table_capacity(old_k, need, old_dense, self.dense_max)
         self._alloc(kcap, dense)
         if old_dense:
             table = old_acc.reshape(old_k, old_k)[:n, :n]

@@ -36,7 +36,14 @@ from fastseg_eval.kernels.cuda import (
     launch_guard,
     table_layout,
 )
-from fastseg_eval.labels.space import LabelTable, ignore_bits, label_message, label_view, value_of
+from fastseg_eval.labels.space import (
+    LabelTable,
+    ignore_bits,
+    label_message,
+    label_view,
+    table_capacity,
+    value_of,
+)
 from fastseg_eval.reducers.base import Block
 from fastseg_eval.reducers.confusion import ConfusionCounts
 
@@ -228,12 +235,7 @@ class CudaCounter:
         self._sync_all()  # kernels in flight add into the old table
         old = self._table.copy_to_host().view(np.int64)
         old_k, old_dense = self.kcap, self.dense
-        kcap = old_k
-        while kcap < need:
-            kcap *= 2
-        dense = old_dense and need <= self.dense_max
-        if dense:
-            kcap = min(kcap, self.dense_max)
+        kcap, dense = table_capacity(old_k, need, old_dense, self.dense_max)
         n = min(self.labels.n, old_k)  # labels beyond the old capacity have no counts yet
         if old_dense:
             t = old.reshape(old_k, old_k)[:n, :n]
