@@ -1,0 +1,475 @@
+"""Surface kernels for the boundary metrics (numba ``njit(nogil=True, cache=True)``).
+
+Points
+------
+A *surface point* of label ``L`` is, depending on the convention (see
+:mod:`fastseg_eval.metrics.boundary`):
+
+* ``voxels`` (MONAI, MedPy): a voxel of label ``L`` with a 6-neighbour of another label or outside
+  the volume (the mask minus its 6-neighbour erosion, the border counting as surface);
+* ``corners`` (DeepMind's ``surface-distance``): a voxel *corner* whose 2 x 2 x 2 neighbourhood
+  holds label ``L`` and something else (another label, or outside the volume); corner ``c``
+  lies between voxels ``c - 1`` and ``c`` on every axis, so corners run ``0 .. n`` on an axis of
+  ``n`` voxels. Each corner also gets the 8-bit neighbourhood code of ``L`` (bit ``2**(7 - (4i +
+  2j + k))`` set when voxel ``(c-1+i, c-1+j, c-1+k)`` has label ``L``), DeepMind's encoding, from
+  which the metric layer takes the surfel area.
+
+Kernels take one window of a label volume (the core of a work unit grown by the reducer's halo),
+never a whole volume; they allocate nothing and keep no state between calls. Label values arrive
+as the array's own integer dtype and leave as ``int64``. Nothing here is CPU-specific beyond the
+loops themselves: the per-point logic is plain arithmetic on arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fastseg_eval.kernels.jit import njit
+
+SENTINEL = np.int64(-1)  # "outside the volume" in a corner's neighbourhood (labels are >= 0)
+
+# statuses
+OK = 0
+TOO_MANY_LABELS = 1  # more distinct labels in one window than the label table holds
+
+
+def offset_distance(dz: np.ndarray, dy: np.ndarray, dx: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Physical length of integer offsets, with the float operations of scipy's
+    ``distance_transform_edt`` (each component times its spacing, squared, summed z, y, x, root)."""
+    s = np.asarray(spacing, dtype=np.float64)
+    a = np.asarray(dz, dtype=np.float64) * s[0]
+    b = np.asarray(dy, dtype=np.float64) * s[1]
+    c = np.asarray(dx, dtype=np.float64) * s[2]
+    return np.sqrt((a * a + b * b) + c * c)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _skipped(v, skip):
+    for s in skip:
+        if v == s:
+            return True
+    return False
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _label_index(v, table, ntab):
+    """Index of label ``v`` in ``table[:ntab[0]]``, inserting it; -1 when the table is full."""
+    n = ntab[0]
+    for i in range(n):
+        if table[i] == v:
+            return i
+    if n >= table.shape[0]:
+        return -1
+    table[n] = v
+    ntab[0] = n + 1
+    return n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _emit(v, z, y, x, code, own, table, ntab, out_zyx, out_lab, out_code, out_own, n, cache):
+    """Write one point at ``n``; returns False when the label table is full. ``cache`` keeps
+    the last (value, index) pair: labels come in runs."""
+    if v != cache[0]:
+        li = _label_index(v, table, ntab)
+        if li < 0:
+            return False
+        cache[0] = v
+        cache[1] = li
+    out_zyx[n, 0] = z
+    out_zyx[n, 1] = y
+    out_zyx[n, 2] = x
+    out_lab[n] = cache[1]
+    out_code[n] = code
+    out_own[n] = own
+    return True
+
+
+@njit(nogil=True, cache=True)
+def voxel_surface(win, lo, hi, own_lo, own_hi, skip, table, ntab, out_zyx, out_lab, out_code, out_own):
+    """Surface voxels of every label in ``win[lo:hi]`` (window coordinates, per axis).
+
+    A neighbour outside ``win`` counts as outside the volume: callers pass a region whose
+    neighbours are in the window unless the window ends at the volume's edge. Labels in ``skip``
+    (background, ignore) give no points. Writes each point's coordinates, label index (into
+    ``table``, grown as labels are met; ``out_code`` stays 0) and whether it lies in
+    ``[own_lo, own_hi)``. Returns the number of points; -1 when ``table`` is full, -2 when the
+    outputs are (call again with larger ones).
+    """
+    nz, ny, nx = win.shape
+    cap = out_lab.shape[0]
+    cache = np.array([-2, -1], np.int64)
+    n = 0
+    for z in range(lo[0], hi[0]):
+        zin = 0 < z < nz - 1
+        for y in range(lo[1], hi[1]):
+            inner = zin and 0 < y < ny - 1
+            own_zy = own_lo[0] <= z < own_hi[0] and own_lo[1] <= y < own_hi[1]
+            for x in range(lo[2], hi[2]):
+                w = win[z, y, x]
+                if inner and 0 < x < nx - 1:
+                    if (
+                        win[z, y, x - 1] == w and win[z, y, x + 1] == w and win[z, y - 1, x] == w
+                        and win[z, y + 1, x] == w and win[z - 1, y, x] == w and win[z + 1, y, x] == w
+                    ):  # fmt: skip
+                        continue
+                else:
+                    surf = (
+                        z == 0 or z == nz - 1 or y == 0 or y == ny - 1 or x == 0 or x == nx - 1
+                        or win[z - 1, y, x] != w or win[z + 1, y, x] != w
+                        or win[z, y - 1, x] != w or win[z, y + 1, x] != w
+                        or win[z, y, x - 1] != w or win[z, y, x + 1] != w
+                    )  # fmt: skip
+                    if not surf:
+                        continue
+                v = np.int64(w)
+                if _skipped(v, skip):
+                    continue
+                if n >= cap:
+                    return -2
+                own = own_zy and own_lo[2] <= x < own_hi[2]
+                if not _emit(v, z, y, x, 0, own, table, ntab, out_zyx, out_lab, out_code, out_own, n, cache):
+                    return -1
+                n += 1
+    return n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _vox(win, z, y, x):
+    nz, ny, nx = win.shape
+    if z < 0 or y < 0 or x < 0 or z >= nz or y >= ny or x >= nx:
+        return SENTINEL
+    return np.int64(win[z, y, x])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _corner_points(win, z, y, x, own, skip, table, ntab, out_zyx, out_lab, out_code, out_own, n, cache, labs):
+    """The points of one mixed corner (one per label among its 8 voxels); returns the new count,
+    -1 (table full) or -2 (outputs full)."""
+    nz, ny, nx = win.shape
+    if 1 <= z < nz and 1 <= y < ny and 1 <= x < nx:
+        labs[0] = win[z - 1, y - 1, x - 1]
+        labs[1] = win[z - 1, y - 1, x]
+        labs[2] = win[z - 1, y, x - 1]
+        labs[3] = win[z - 1, y, x]
+        labs[4] = win[z, y - 1, x - 1]
+        labs[5] = win[z, y - 1, x]
+        labs[6] = win[z, y, x - 1]
+        labs[7] = win[z, y, x]
+    else:
+        labs[0] = _vox(win, z - 1, y - 1, x - 1)
+        labs[1] = _vox(win, z - 1, y - 1, x)
+        labs[2] = _vox(win, z - 1, y, x - 1)
+        labs[3] = _vox(win, z - 1, y, x)
+        labs[4] = _vox(win, z, y - 1, x - 1)
+        labs[5] = _vox(win, z, y - 1, x)
+        labs[6] = _vox(win, z, y, x - 1)
+        labs[7] = _vox(win, z, y, x)
+    first = labs[0]
+    uniform = True
+    for i in range(1, 8):
+        if labs[i] != first:
+            uniform = False
+            break
+    if uniform:
+        return n
+    cap = out_lab.shape[0]
+    for i in range(8):
+        v = labs[i]
+        if v == SENTINEL or _skipped(v, skip):
+            continue
+        seen = False
+        for j in range(i):
+            if labs[j] == v:
+                seen = True
+                break
+        if seen:
+            continue
+        code = 0
+        for j in range(i, 8):
+            if labs[j] == v:
+                code |= 1 << (7 - j)
+        if n >= cap:
+            return -2
+        if not _emit(v, z, y, x, code, own, table, ntab, out_zyx, out_lab, out_code, out_own, n, cache):
+            return -1
+        n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def corner_surface(win, lo, hi, own_lo, own_hi, skip, table, ntab, out_zyx, out_lab, out_code, out_own):
+    """Surface corners of every label for corners ``lo .. hi - 1`` (corner coordinates, per axis).
+
+    Corner ``c`` sees voxels ``c - 1`` and ``c`` on each axis; one outside ``win`` counts as outside
+    the volume (callers pass corners whose voxels lie in the window unless the window ends at the
+    volume's edge). A corner whose 8 voxels are not all equal is a surface point of each label
+    among them (labels in ``skip`` excepted), with that label's neighbourhood code. Outputs and
+    return value as in :func:`voxel_surface`.
+
+    Fast path: along a row of corners, the 4 voxels of each column ``x`` (rows ``z-1, z`` times
+    ``y-1, y``) are compared once; a corner is uniform when its two columns are uniform and equal.
+    """
+    nz, ny, nx = win.shape
+    labs = np.empty(8, np.int64)
+    cache = np.array([-2, -1], np.int64)
+    n = 0
+    for z in range(lo[0], hi[0]):
+        for y in range(lo[1], hi[1]):
+            own_zy = own_lo[0] <= z < own_hi[0] and own_lo[1] <= y < own_hi[1]
+            rows_in = 1 <= z < nz and 1 <= y < ny
+            prev_uniform = False
+            prev_value = win[0, 0, 0]
+            for x in range(lo[2], hi[2]):
+                if rows_in and x < nx:
+                    a = win[z - 1, y - 1, x]
+                    cur_uniform = a == win[z - 1, y, x] and a == win[z, y - 1, x] and a == win[z, y, x]
+                    if cur_uniform and prev_uniform and a == prev_value and x >= 1:
+                        continue  # all 8 voxels equal: no surface
+                    prev_uniform = cur_uniform
+                    prev_value = a
+                else:
+                    prev_uniform = False
+                own = own_zy and own_lo[2] <= x < own_hi[2]
+                n = _corner_points(
+                    win, z, y, x, own, skip, table, ntab, out_zyx, out_lab, out_code, out_own, n, cache, labs
+                )
+                if n < 0:
+                    return n
+    return n
+
+
+@njit(nogil=True, cache=True)
+def group_by_label(lab, nlab, order, starts):
+    """Counting sort of point indices by label index: ``order[starts[k]:starts[k+1]]`` has label k."""
+    counts = np.zeros(nlab + 1, np.int64)
+    for i in range(lab.shape[0]):
+        counts[lab[i] + 1] += 1
+    for k in range(nlab):
+        counts[k + 1] += counts[k]
+    for k in range(nlab + 1):
+        starts[k] = counts[k]
+    for i in range(lab.shape[0]):
+        k = lab[i]
+        order[counts[k]] = i
+        counts[k] += 1
+
+
+@njit(nogil=True, cache=True)
+def mark_points(bitmap, zyx, idx, value):
+    """``bitmap[zyx[i]] = value`` for every ``i`` in ``idx``."""
+    for i in idx:
+        bitmap[zyx[i, 0], zyx[i, 1], zyx[i, 2]] = value
+
+
+@njit(nogil=True, cache=True)
+def nearest_marked(bitmap, zyx, idx, offsets, offset_dist, out):
+    """For each point ``zyx[i]`` (``i`` in ``idx``), the distance index of the nearest marked cell.
+
+    ``offsets`` are sorted by distance; the first marked ``point + offset`` wins and its
+    ``offset_dist`` goes to ``out`` (in the order of ``idx``); -1 when no offset reaches a marked
+    cell. Cells outside ``bitmap`` are never marked.
+    """
+    nz, ny, nx = bitmap.shape
+    noff = offsets.shape[0]
+    reach = np.zeros(3, np.int64)
+    for j in range(noff):
+        for a in range(3):
+            r = abs(np.int64(offsets[j, a]))
+            if r > reach[a]:
+                reach[a] = r
+    for t in range(idx.shape[0]):
+        i = idx[t]
+        z = np.int64(zyx[i, 0])
+        y = np.int64(zyx[i, 1])
+        x = np.int64(zyx[i, 2])
+        inside = (
+            z - reach[0] >= 0 and z + reach[0] < nz and y - reach[1] >= 0 and y + reach[1] < ny
+            and x - reach[2] >= 0 and x + reach[2] < nx
+        )  # fmt: skip
+        found = -1
+        if inside:
+            for j in range(noff):
+                if bitmap[z + offsets[j, 0], y + offsets[j, 1], x + offsets[j, 2]]:
+                    found = offset_dist[j]
+                    break
+        else:
+            for j in range(noff):
+                qz = z + offsets[j, 0]
+                qy = y + offsets[j, 1]
+                qx = x + offsets[j, 2]
+                if qz < 0 or qy < 0 or qx < 0 or qz >= nz or qy >= ny or qx >= nx:
+                    continue
+                if bitmap[qz, qy, qx]:
+                    found = offset_dist[j]
+                    break
+        out[t] = found
+
+
+@njit(nogil=True, cache=True)
+def bucket_points(zyx, idx, cell, gy, gx, starts, items):
+    """Counting sort of points ``idx`` into cells of edge ``cell``: cell ``c`` holds
+    ``items[starts[c]:starts[c + 1]]`` (``starts`` has one entry per cell plus one, zeroed)."""
+    for i in idx:
+        c = ((zyx[i, 0] // cell) * gy + zyx[i, 1] // cell) * gx + zyx[i, 2] // cell
+        starts[c + 1] += 1
+    for c in range(starts.shape[0] - 1):
+        starts[c + 1] += starts[c]
+    fill = starts[:-1].copy()
+    for i in idx:
+        c = ((zyx[i, 0] // cell) * gy + zyx[i, 1] // cell) * gx + zyx[i, 2] // cell
+        items[fill[c]] = i
+        fill[c] += 1
+
+
+@njit(nogil=True, cache=True)
+def nearest_in_cells(a_zyx, a_idx, b_zyx, starts, items, cell, gz, gy, gx, cell_offsets, cell_bound,
+                     offset_index, reach, spacing, limit, out):  # fmt: skip
+    """Second stage for the points ``a_idx`` whose ``out`` is still -1: the exact nearest of the
+    bucketed points (see :func:`bucket_points`), by cells in order of ``cell_bound`` (a lower bound
+    of the distance between any two points of cells that far apart), accepting only offsets within
+    ``reach`` on every axis and shorter than ``limit``; ``out`` gets the offset's distance index
+    (``offset_index``, indexed by offset + reach), or stays -1."""
+    sz, sy, sx = spacing[0], spacing[1], spacing[2]
+    for t in range(a_idx.shape[0]):
+        if out[t] >= 0:
+            continue
+        i = a_idx[t]
+        z, y, x = np.int64(a_zyx[i, 0]), np.int64(a_zyx[i, 1]), np.int64(a_zyx[i, 2])
+        cz, cy, cx = z // cell, y // cell, x // cell
+        best = limit
+        best_j = -1
+        for k in range(cell_offsets.shape[0]):
+            if cell_bound[k] >= best:
+                break
+            qz, qy, qx = cz + cell_offsets[k, 0], cy + cell_offsets[k, 1], cx + cell_offsets[k, 2]
+            if qz < 0 or qy < 0 or qx < 0 or qz >= gz or qy >= gy or qx >= gx:
+                continue
+            c = (qz * gy + qy) * gx + qx
+            for m in range(starts[c], starts[c + 1]):
+                j = items[m]
+                dz = np.int64(b_zyx[j, 0]) - z
+                dy = np.int64(b_zyx[j, 1]) - y
+                dx = np.int64(b_zyx[j, 2]) - x
+                if abs(dz) > reach or abs(dy) > reach or abs(dx) > reach:
+                    continue
+                fz, fy, fx = dz * sz, dy * sy, dx * sx
+                d = np.sqrt((fz * fz + fy * fy) + fx * fx)
+                if d < best:
+                    best = d
+                    best_j = offset_index[dz + reach, dy + reach, dx + reach]
+        out[t] = best_j
+
+
+@njit(nogil=True, cache=True)
+def add_counts(hist, ncodes, dist_idx, codes, idx):
+    """``hist[dist_idx[t] * ncodes + code] += 1`` for near points (``dist_idx >= 0``); returns how many."""
+    n = 0
+    for t in range(idx.shape[0]):
+        d = dist_idx[t]
+        if d < 0:
+            continue
+        c = 0 if ncodes == 1 else np.int64(codes[idx[t]])
+        hist[d * ncodes + c] += 1
+        n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def mark_cells(cells, zyx, idx, origin, cell, gy, gx):
+    """Flag the coarse cells (edge ``cell``) holding points ``zyx[idx] + origin`` in ``cells`` (flat)."""
+    for i in idx:
+        cz = (np.int64(zyx[i, 0]) + origin[0]) // cell
+        cy = (np.int64(zyx[i, 1]) + origin[1]) // cell
+        cx = (np.int64(zyx[i, 2]) + origin[2]) // cell
+        cells[(cz * gy + cy) * gx + cx] = 1
+
+
+# ------------------------------------------------------------------ exact float emulations
+@njit(nogil=True, cache=True)
+def _pairwise_leaf(values, ends, lo, n):
+    """numpy's pairwise sum for ``n <= 128`` virtual elements from position ``lo``."""
+    r = np.searchsorted(ends, lo, side="right")
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            while ends[r] <= i:
+                r += 1
+            res += values[r]
+        return res
+    acc = np.zeros(8)
+    for j in range(8):
+        while ends[r] <= lo + j:
+            r += 1
+        acc[j] = values[r]
+    i = 8
+    stop = n - (n % 8)
+    while i < stop:
+        for j in range(8):
+            while ends[r] <= lo + i + j:
+                r += 1
+            acc[j] += values[r]
+        i += 8
+    res = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    while i < n:
+        while ends[r] <= lo + i:
+            r += 1
+        res += values[r]
+        i += 1
+    return res
+
+
+@njit(nogil=True, cache=True)
+def pairwise_sum_runs(values, counts):
+    """``np.sum(np.repeat(values, counts))`` bit for bit, without building the repeated array.
+
+    Mirrors ``pairwise_sum_DOUBLE`` (numpy/_core/src/umath/loops_utils.h.src): 8 interleaved
+    partial sums up to 128 elements, halves (cut at multiples of 8) above; evaluated with an
+    explicit stack (numba's cache cannot hold recursive functions).
+    """
+    ends = np.cumsum(counts)
+    total = ends[-1] if ends.shape[0] else 0
+    if total == 0:
+        return 0.0
+    s_lo = np.empty(256, np.int64)
+    s_n = np.empty(256, np.int64)
+    s_ph = np.empty(256, np.int64)
+    res = np.empty(256)
+    sp = 0
+    rp = 0
+    s_lo[0], s_n[0], s_ph[0] = 0, total, 0
+    sp = 1
+    while sp > 0:
+        sp -= 1
+        lo, n, ph = s_lo[sp], s_n[sp], s_ph[sp]
+        if n <= 128:
+            res[rp] = _pairwise_leaf(values, ends, lo, n)
+            rp += 1
+        elif ph == 0:
+            n2 = n // 2
+            n2 -= n2 % 8
+            s_lo[sp], s_n[sp], s_ph[sp] = lo, n, 1  # combine, after both halves
+            s_lo[sp + 1], s_n[sp + 1], s_ph[sp + 1] = lo + n2, n - n2, 0  # right half, second
+            s_lo[sp + 2], s_n[sp + 2], s_ph[sp + 2] = lo, n2, 0  # left half, first
+            sp += 3
+        else:
+            res[rp - 2] = res[rp - 2] + res[rp - 1]
+            rp -= 1
+    return res[0]
+
+
+@njit(nogil=True, cache=True)
+def first_cumsum_reaching(values, counts, total, q):
+    """Position of the first element where ``np.cumsum(a) / total >= q`` for ``a = np.repeat(values,
+    counts)`` (sequential float64 sums, as numpy's cumsum), or the length of ``a`` if none."""
+    acc = 0.0
+    pos = 0
+    for r in range(values.shape[0]):
+        v = values[r]
+        for _ in range(counts[r]):
+            acc += v
+            if acc / total >= q:
+                return pos
+            pos += 1
+    return pos

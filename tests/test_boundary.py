@@ -1,0 +1,524 @@
+"""Boundary metrics (hd, hd95, assd, masd, nsd) against the libraries whose conventions they follow.
+
+References, all independent of fastseg-eval's code:
+
+* ``deepmind``: the ``surface-distance`` package itself (test extra);
+* ``medpy``: MedPy's ``medpy.metric.binary`` (test extra);
+* ``monai``: :func:`monai_oracle`, MONAI 1.x's definitions re-implemented here from its source
+  (``monai/metrics/utils.py`` ``get_mask_edges`` / ``get_surface_distance``,
+  ``hausdorff_distance.py``, ``surface_distance.py``, ``surface_dice.py``) with scipy, numpy and
+  torch.quantile's float32 arithmetic; and, when MONAI is installed (``pip install
+  'fastseg-eval[monai]'``, torch is large), :func:`test_real_monai` compares with MONAI itself.
+
+Masks: random blobs of several labels, thin plates and lines, one-voxel objects, objects on the
+volume's faces, anisotropic spacing, a label on one side only, on neither; zarr inputs whose
+chunk grids cut objects and disagree between pred and gt; far predictions (a blob 200 voxels
+away) that only the sparse step after the pass resolves; several engines, dask.distributed
+included, giving identical numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+from conftest import write_zarr
+from scipy import ndimage as ndi
+
+import fastseg_eval as fse
+from fastseg_eval.errors import OptionError
+
+sd = pytest.importorskip("surface_distance")
+medpy_binary = pytest.importorskip("medpy.metric.binary")
+np.Inf = np.inf  # noqa: NPY201 (surface-distance 0.1 still calls np.Inf, which NumPy 2 removed)
+
+NAMES = ("hd", "hd95", "assd", "masd", "nsd")
+# surface-distance 0.1 imports scipy.ndimage.filters / .morphology, namespaces scipy deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:Please import `:DeprecationWarning")
+
+
+# ================================================================================ references
+def deepmind_reference(gt: np.ndarray, pred: np.ndarray, spacing, pct: float, tol: float) -> dict[str, float]:
+    s = sd.compute_surface_distances(gt, pred, spacing)
+    a = sd.compute_average_surface_distance(s)
+    da, pa = s["distances_gt_to_pred"], s["surfel_areas_gt"]
+    db, pb = s["distances_pred_to_gt"], s["surfel_areas_pred"]
+    return {
+        "hd": sd.compute_robust_hausdorff(s, 100),
+        "hd95": sd.compute_robust_hausdorff(s, pct),
+        "assd": (np.sum(da * pa) + np.sum(db * pb)) / (np.sum(pa) + np.sum(pb)),
+        "masd": (a[0] + a[1]) / 2,
+        "nsd": sd.compute_surface_dice_at_tolerance(s, tol),
+    }
+
+
+def medpy_reference(gt: np.ndarray, pred: np.ndarray, spacing, pct: float, tol: float) -> dict[str, float]:
+    b = medpy_binary
+    d = np.hstack([_medpy_dist(pred, gt, spacing), _medpy_dist(gt, pred, spacing)])
+    return {
+        "hd": b.hd(pred, gt, spacing),
+        "hd95": b.hd95(pred, gt, spacing) if pct == 95 else float(np.percentile(d, pct)),
+        "assd": b.assd(pred, gt, spacing),
+        "masd": (b.asd(pred, gt, spacing) + b.asd(gt, pred, spacing)) / 2,
+    }
+
+
+def _medpy_dist(a, b, spacing):
+    return medpy_binary.__dict__["__surface_distances"](a, b, spacing)
+
+
+def _torch_quantile_f32(x: np.ndarray, q: float) -> float:
+    """torch.quantile (linear) of a float32 tensor: q, the rank and the lerp in float32
+    (aten/src/ATen/native/Sorting.cpp quantile_compute; aten lerp)."""
+    f = np.float32
+    v = np.sort(x.astype(np.float32))
+    rank = f(f(q) * f(v.size - 1))
+    lo, hi = int(np.floor(rank)), int(np.ceil(rank))
+    w = f(rank - f(lo))
+    a, b = v[lo], v[hi]
+    return float(a + w * (b - a)) if abs(w) < 0.5 else float(b - (b - a) * (f(1) - w))
+
+
+def monai_oracle(gt: np.ndarray, pred: np.ndarray, spacing, pct: float, tol: float) -> dict[str, float]:
+    """MONAI's compute_hausdorff_distance / compute_average_surface_distance (symmetric=True for
+    assd) / compute_surface_dice (use_subvoxels=False), from its source: edges = mask XOR its
+    6-neighbour erosion (border = background), scipy EDT, distances stored as float32."""
+    eg = gt ^ ndi.binary_erosion(gt)
+    ep = pred ^ ndi.binary_erosion(pred)
+    d_pg = ndi.distance_transform_edt(~eg, sampling=spacing).astype(np.float32)[ep]
+    d_gp = ndi.distance_transform_edt(~ep, sampling=spacing).astype(np.float32)[eg]
+    both = np.concatenate([d_pg, d_gp]).astype(np.float64)
+    return {
+        "hd": float(max(d_pg.max(), d_gp.max())),
+        "hd95": max(_torch_quantile_f32(d_pg, pct / 100), _torch_quantile_f32(d_gp, pct / 100)),
+        "assd": float(both.mean()),
+        "masd": float((d_pg.astype(np.float64).mean() + d_gp.astype(np.float64).mean()) / 2),
+        "nsd": float((np.sum(d_pg <= np.float32(tol)) + np.sum(d_gp <= np.float32(tol))) / (d_pg.size + d_gp.size)),
+    }
+
+
+REFERENCES = {"deepmind": deepmind_reference, "monai": monai_oracle, "medpy": medpy_reference}
+TOL = {"deepmind": dict(rtol=0, atol=1e-9), "medpy": dict(rtol=0, atol=1e-9), "monai": dict(rtol=1e-6, atol=1e-6)}
+"""deepmind / medpy: float64 like the libraries (1e-9, well inside the 1e-6 asked for); monai stores
+float32 distances and averages in float32: its own precision is ~1e-7 relative."""
+
+
+# ====================================================================================== data
+def blobs(shape, k: int, rng, cell: int = 6, fg: float = 0.5) -> np.ndarray:
+    coarse = rng.integers(1, k, [s // cell + 2 for s in shape])
+    idx = [(np.arange(s) + int(rng.integers(0, cell))) // cell for s in shape]
+    lab = coarse[np.ix_(*idx)]
+    f = ndi.gaussian_filter(rng.random(shape), 2.0)
+    lab[f < np.quantile(f, 1 - fg)] = 0
+    return lab.astype(np.uint8)
+
+
+def perturb(gt: np.ndarray, rng, k: int) -> np.ndarray:
+    pred = gt.copy()
+    noise = ndi.gaussian_filter(rng.random(gt.shape), 1.5) > 0.56
+    pred[noise] = rng.integers(0, k)
+    return np.roll(pred, 1, axis=2)
+
+
+def case(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(pred, gt) of one named situation."""
+    rng = np.random.default_rng(seed)
+    shape = (22, 26, 30)
+    if name == "blobs":
+        gt = blobs(shape, 4, rng)
+        return perturb(gt, rng, 4), gt
+    gt = np.zeros(shape, np.uint8)
+    pred = np.zeros(shape, np.uint8)
+    if name == "thin":  # a one-voxel plate, a one-voxel line, a two-voxel plate off by one
+        gt[5, 3:20, 4:25] = 1
+        pred[6, 3:21, 4:24] = 1
+        gt[10:20, 12, 15] = 2
+        pred[10:19, 13, 15] = 2
+        gt[14:16, 2:10, 2:28] = 3
+        pred[15:17, 2:10, 3:28] = 3
+    elif name == "single-voxels":
+        for z, y, x in rng.integers(1, 20, (6, 3)):
+            gt[z, y, x] = 1
+        for z, y, x in rng.integers(1, 20, (4, 3)):
+            pred[z, y, x] = 1
+        gt[3, 3, 3] = pred[3, 3, 4] = 2
+    elif name == "border":  # objects on the volume's faces and corners
+        gt[:6, :, :8] = 1
+        pred[:5, :, :9] = 1
+        gt[-4:, -5:, -6:] = 2
+        pred[-3:, -5:, -6:] = 2
+        gt[10:15, 0, 10:20] = 3
+        pred[10:16, 0:2, 11:20] = 3
+    else:
+        raise ValueError(name)
+    return pred, gt
+
+
+CASES = ["blobs", "thin", "single-voxels", "border"]
+SPACINGS = {"iso": (1.0, 1.0, 1.0), "aniso": (1.5, 0.8, 1.1), "thick": (3.0, 0.7, 0.7)}
+
+
+def check_against_reference(res, pred, gt, surface, spacing, pct=95.0, tol=1.0, labels=None) -> int:
+    ref_fn = REFERENCES[surface]
+    names = [m for m in NAMES if not (surface == "medpy" and m == "nsd")]
+    checked = 0
+    for k in labels or [int(x) for x in res.labels if x != 0]:
+        g, p = gt == k, pred == k
+        if not g.any() or not p.any():
+            continue
+        ref = ref_fn(g, p, spacing, pct, tol)
+        got = {m: res.per_class[k][m] for m in names}
+        for m in names:
+            np.testing.assert_allclose(got[m], ref[m], err_msg=f"{surface} label {k} {m}", **TOL[surface])
+        checked += 1
+    return checked
+
+
+# ================================================================ the conventions, in memory
+@pytest.mark.parametrize("spacing", list(SPACINGS), ids=list(SPACINGS))
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("surface", ["deepmind", "monai", "medpy"])
+def test_matches_the_library(surface, name, spacing):
+    pred, gt = case(name)
+    sp = SPACINGS[spacing]
+    metrics = "dice," + ",".join(m for m in NAMES if not (surface == "medpy" and m == "nsd"))
+    res = fse.evaluate(pred, gt, metrics=metrics, spacing=sp, surface=surface, nsd_tolerance=1.6, workers=2)
+    assert check_against_reference(res, pred, gt, surface, sp, tol=1.6) >= 1
+    assert res.options["surface"] == surface and res.options["spacing"] == list(sp)
+    assert res.options["spacing_from"] == "given"
+
+
+@pytest.mark.parametrize("surface", ["deepmind", "monai", "medpy"])
+@pytest.mark.parametrize("pct", [50.0, 90.0, 99.0, 100.0])
+def test_other_percentiles_and_tolerances(surface, pct):
+    pred, gt = case("blobs", seed=3)
+    sp = SPACINGS["aniso"]
+    names = "hd95" if surface == "medpy" else "hd95,nsd"
+    res = fse.evaluate(pred, gt, metrics=names, spacing=sp, surface=surface, hd_percentile=pct, nsd_tolerance=2.2)
+    for k in (1, 2, 3):
+        ref = REFERENCES[surface](gt == k, pred == k, sp, pct, 2.2)
+        for m in names.split(","):
+            np.testing.assert_allclose(res.per_class[k][m], ref[m], **TOL[surface])
+
+
+def test_the_conventions_differ():
+    """The three conventions really are different definitions (a test that could not tell them
+    apart would prove nothing above)."""
+    pred, gt = case("blobs", seed=1)
+    res = {
+        s: fse.evaluate(pred, gt, metrics="hd95,assd", surface=s, spacing=(1.5, 0.8, 1.1)).per_class
+        for s in ("deepmind", "monai", "medpy")
+    }
+
+    def apart(a: str, b: str, m: str) -> bool:
+        return any(abs(res[a][k][m] - res[b][k][m]) > 1e-3 for k in (1, 2, 3))
+
+    assert apart("deepmind", "medpy", "assd") and apart("deepmind", "monai", "hd95")
+    assert apart("monai", "medpy", "hd95")  # max of directed percentiles vs pooled percentile
+
+
+def test_reference_oracle_catches_a_float64_monai():
+    """monai_oracle keeps MONAI's float32: with float64 the NSD at a tolerance that equals a
+    distance in float32 only (spacing 0.8 x 2 = 1.6) would differ; our convention follows float32."""
+    gt = np.zeros((8, 8, 8), bool)
+    pred = np.zeros((8, 8, 8), bool)
+    gt[2:6, 2:6, 2:6] = True
+    pred[2:6, 2:6, 4:8] = True
+    ref = monai_oracle(gt, pred, (0.8, 0.8, 0.8), 95, 1.6)
+    res = fse.evaluate(pred.astype(np.uint8), gt.astype(np.uint8), metrics="nsd", surface="monai",
+                       spacing=(0.8, 0.8, 0.8), nsd_tolerance=1.6)  # fmt: skip
+    assert res.per_class[1]["nsd"] == pytest.approx(ref["nsd"], abs=1e-12)
+
+
+# ============================================================================ empty masks
+@pytest.mark.parametrize("surface", ["deepmind", "monai", "medpy"])
+def test_empty_masks_follow_the_design(surface):
+    gt = np.zeros((10, 12, 14), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[2:5, 2:5, 2:5] = 1  # label 1: gt only
+    pred[6:8, 6:8, 6:8] = 2  # label 2: pred only
+    gt[1:3, 8:10, 9:12] = 4
+    pred[1:3, 8:10, 9:12] = 4  # label 4: both, identical
+    names = [m for m in NAMES if not (surface == "medpy" and m == "nsd")]
+    res = fse.evaluate(pred, gt, labels=[0, 1, 2, 3, 4], metrics=names, surface=surface)
+    for k in (1, 2):
+        for m in names:
+            assert res.per_class[k][m] == (0.0 if m == "nsd" else math.inf), (k, m)
+    for m in names:  # label 3: in neither volume
+        assert math.isnan(res.per_class[3][m])
+        assert res.per_class[4][m] == (1.0 if m == "nsd" else 0.0)
+        assert math.isnan(res.per_class[0][m])  # the background gets no boundary metrics
+    doc = json.loads(res.to_json())
+    assert doc["per_class"]["1"]["hd95"] is None and doc["per_class"]["3"]["hd95"] is None
+    assert any("one volume only" in w and "1, 2" in w for w in doc["warnings"])
+    sub = fse.evaluate(pred, gt, labels=[0, 1, 2, 3, 4], metrics=names, surface=surface, empty_distance=50.0)
+    assert sub.per_class[2]["hd"] == 50.0 and sub.options["empty_distance"] == 50.0
+    assert math.isnan(sub.per_class[3]["hd"])
+    assert not any("one volume only" in w for w in sub.warnings)
+
+
+def test_what_the_libraries_do_with_empty_masks():
+    """Documented in the README: DeepMind gives inf (also for both empty), MedPy raises."""
+    a = np.zeros((6, 6, 6), bool)
+    b = a.copy()
+    b[2:4, 2:4, 2:4] = True
+    assert sd.compute_robust_hausdorff(sd.compute_surface_distances(a, b, (1, 1, 1)), 95) == math.inf
+    assert sd.compute_robust_hausdorff(sd.compute_surface_distances(a, a, (1, 1, 1)), 95) == math.inf
+    assert sd.compute_surface_dice_at_tolerance(sd.compute_surface_distances(a, b, (1, 1, 1)), 1) == 0
+    with pytest.raises(RuntimeError):
+        medpy_binary.hd95(a, b)
+
+
+# ============================================================================ out of core
+@pytest.fixture(scope="module")
+def chunked_pair(tmp_path_factory):
+    """A blob pair in zarr stores whose chunk grids cut the objects and disagree (pred vs gt)."""
+    root = tmp_path_factory.mktemp("boundary")
+    rng = np.random.default_rng(11)
+    gt = blobs((45, 52, 38), 4, rng, cell=9, fg=0.4)
+    pred = perturb(gt, rng, 4)
+    pred[30:36, 2:7, 2:6] = 3  # a false positive far from any 3 of the ground truth, maybe
+    p = write_zarr(root / "pred.zarr", pred, (16, 13, 19))
+    g = write_zarr(root / "gt.zarr", gt, (10, 20, 15))
+    return pred, gt, str(root / "pred.zarr"), str(root / "gt.zarr"), p, g
+
+
+@pytest.mark.parametrize("surface", ["deepmind", "monai"])
+def test_chunked_misaligned_zarr_equals_the_library(chunked_pair, surface):
+    pred, gt, pz, gz, _, _ = chunked_pair
+    sp = (1.2, 0.9, 1.0)
+    res = fse.evaluate(pz, gz, metrics=",".join(NAMES), spacing=sp, surface=surface, workers=2)
+    assert check_against_reference(res, pred, gt, surface, sp) == 3
+    assert res.timing["units"] > 1
+
+
+@pytest.fixture
+def short_reach(monkeypatch):
+    """Search only 2 voxels inside blocks: most distances go through the far step after the pass."""
+    from fastseg_eval.reducers import surface
+
+    monkeypatch.setattr(surface, "DEFAULT_REACH", 2)
+
+
+@pytest.mark.parametrize("surface", ["deepmind", "medpy"])
+def test_far_points_resolved_exactly(chunked_pair, surface, short_reach):
+    pred, gt, pz, gz, _, _ = chunked_pair
+    names = [m for m in NAMES if not (surface == "medpy" and m == "nsd")]
+    res = fse.evaluate(pz, gz, metrics=names, surface=surface, spacing=(1.0, 1.3, 0.7), workers=2)
+    assert res.options["boundary_reach"] == 2 and res.options["boundary_far_points"] > 100
+    assert check_against_reference(res, pred, gt, surface, (1.0, 1.3, 0.7)) == 3
+
+
+ENGINES = {
+    "threads-1": dict(workers=1),
+    "threads-3": dict(workers=3),
+    "dask-sync": dict(scheduler="synchronous"),
+    "dask-threads": dict(scheduler="threads"),
+}
+
+
+def test_engines_and_distributed_give_identical_numbers(chunked_pair, short_reach):
+    distributed = pytest.importorskip("distributed")
+    pred, gt, pz, gz, _, _ = chunked_pair
+    kw = dict(metrics=",".join(NAMES), spacing=(1.2, 0.9, 1.0))
+    base = fse.evaluate(pred, gt, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                      dashboard_address=":0") as cluster, distributed.Client(cluster) as client:  # fmt: skip
+            runs = {name: fse.evaluate(pz, gz, **kw, **opts) for name, opts in ENGINES.items()}
+            runs["distributed"] = fse.evaluate(pz, gz, **kw, scheduler=client)
+    assert runs["distributed"].timing["engine"] == "distributed"
+    for name, r in runs.items():
+        for k in base.per_class:
+            for m in NAMES:
+                a, b = base.per_class[k][m], r.per_class[k][m]
+                assert (math.isnan(a) and math.isnan(b)) or a == b, (name, k, m, a, b)
+
+
+def test_blob_predicted_200_voxels_away_in_a_chunked_512_cube(tmp_path):
+    """The nearest surfaces lie 200 voxels apart, far beyond any block's halo: the in-RAM answer."""
+    import zarr
+
+    shape = (512, 512, 512)
+    gt_obj = np.zeros((20, 24, 22), np.uint8)
+    zz, yy, xx = np.mgrid[:20, :24, :22]
+    gt_obj[((zz - 9.5) / 9) ** 2 + ((yy - 11.5) / 11) ** 2 + ((xx - 10.5) / 10) ** 2 <= 1] = 1
+    pred_obj = np.zeros_like(gt_obj)
+    pred_obj[2:17, 3:20, 4:18] = 1
+    g0, p0 = (100, 150, 60), (110, 160, 260)  # pred 200 voxels along x, offset in z and y
+    arrays = {}
+    for role, obj, at in (("gt", gt_obj, g0), ("pred", pred_obj, p0)):
+        z = zarr.create_array(store=str(tmp_path / f"{role}.zarr"), shape=shape, chunks=(128, 128, 128),
+                              dtype=np.uint8, fill_value=0)  # fmt: skip
+        z[tuple(slice(a, a + n) for a, n in zip(at, obj.shape))] = obj
+        arrays[role] = (obj, at)
+    sp = (1.0, 0.8, 0.8)
+    res = fse.evaluate(str(tmp_path / "pred.zarr"), str(tmp_path / "gt.zarr"), metrics=",".join(NAMES),
+                       spacing=sp, num_classes=2, workers=2)  # fmt: skip
+    # in RAM: the bounding box of both objects with a margin (the conventions see outside = background)
+    lo = np.minimum(g0, p0) - 2
+    hi = np.maximum(np.add(g0, gt_obj.shape), np.add(p0, pred_obj.shape)) + 2
+    crop = {}
+    for role, (obj, at) in arrays.items():
+        a = np.zeros(tuple(hi - lo), np.uint8)
+        a[tuple(slice(s - b, s - b + n) for s, b, n in zip(at, lo, obj.shape))] = obj
+        crop[role] = a
+    assert check_against_reference(res, crop["pred"], crop["gt"], "deepmind", sp, labels=[1]) == 1
+    assert res.per_class[1]["hd"] > 150
+    assert res.options["boundary_far_points"] > 0
+
+
+# ============================================================================ spacing and options
+def test_spacing_from_an_ome_zarr_scale(tmp_path):
+    import zarr
+
+    pred, gt = case("blobs", seed=5)
+    for role, a in (("pred", pred), ("gt", gt)):
+        grp = zarr.open_group(str(tmp_path / f"{role}.zarr"), mode="w", zarr_format=2)
+        grp.create_array("0", shape=a.shape, chunks=(11, 13, 15), dtype=a.dtype)[:] = a
+        grp.attrs["multiscales"] = [{
+            "version": "0.4", "axes": [{"name": n, "type": "space"} for n in "zyx"],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [2.0, 0.5, 0.5]}]}],
+            "coordinateTransformations": [{"type": "scale", "scale": [1.5, 1.0, 1.0]}],
+        }]  # fmt: skip
+    res = fse.evaluate(str(tmp_path / "pred.zarr"), str(tmp_path / "gt.zarr"), metrics=",".join(NAMES))
+    assert res.options["spacing"] == [3.0, 0.5, 0.5]
+    assert "OME-Zarr scale" in res.options["spacing_from"]
+    assert check_against_reference(res, pred, gt, "deepmind", (3.0, 0.5, 0.5)) == 3
+    given = fse.evaluate(str(tmp_path / "pred.zarr"), str(tmp_path / "gt.zarr"), metrics="hd95", spacing=1)
+    assert given.options["spacing"] == [1.0, 1.0, 1.0] and given.options["spacing_from"] == "given"
+    plain = fse.evaluate(pred, gt, metrics="hd95")
+    assert plain.options["spacing_from"].startswith("default 1.0")
+
+
+def test_boundary_metrics_only_when_asked():
+    pred, gt = case("thin")
+    res = fse.evaluate(pred, gt)
+    assert not any(m in res.metrics for m in NAMES) and "surface" not in res.options
+    res = fse.evaluate(pred, gt, metrics=["Hausdorff", "surface-dice", "dice"])
+    assert res.metrics == ["hd", "nsd", "dice"]
+    assert set(res.mean) >= {"hd", "nsd", "dice"} and "hd" not in res.micro and "hd" not in res.weighted
+    csv_head = res.to_csv().splitlines()[0].split(",")
+    assert csv_head[-3:] == ["hd", "nsd", "dice"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(surface="itk"), "not a convention"),
+        (dict(surface="medpy", metrics="nsd"), "MedPy defines no normalized surface Dice"),
+        (dict(spacing=(1, 2)), "three positive numbers"),
+        (dict(spacing=(1, 0, 1)), "three positive numbers"),
+        (dict(hd_percentile=101), "between 0 and 100"),
+        (dict(nsd_tolerance=-1), "between 0"),
+        (dict(nsd_tolerance=float("nan")), "finite"),
+        (dict(empty_distance="far"), "finite number"),
+    ],
+)
+def test_bad_options_are_one_clear_error(kwargs, match):
+    pred, gt = case("thin")
+    kwargs.setdefault("metrics", "hd95")
+    with pytest.raises(OptionError, match=match):
+        fse.evaluate(pred, gt, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mask=np.ones((22, 26, 30), bool)), "without a mask or ignore label"),
+        (dict(ignore_label=3), "without a mask or ignore label"),
+    ],
+)
+def test_unsupported_inputs_are_refused(kwargs, match):
+    pred, gt = case("thin")
+    with pytest.raises(OptionError, match=match):
+        fse.evaluate(pred, gt, metrics="hd95", **kwargs)
+    with pytest.raises(OptionError, match="3-D volumes"):
+        fse.evaluate(pred[0], gt[0], metrics="hd95")
+
+
+def test_streaming_accumulator_cannot_give_boundary_metrics():
+    pred, gt = case("thin")
+    acc = fse.ConfusionMatrix(4).update(pred, gt)
+    with pytest.raises(OptionError, match="surfaces of the volumes"):
+        acc.result(metrics="hd95")
+
+
+# ==================================================================================== CLI
+def test_cli_boundary_flags(chunked_pair, capsys):
+    from fastseg_eval.cli import main
+
+    pred, gt, pz, gz, _, _ = chunked_pair
+    args = [pz, gz, "--metrics", "dice,hd95,nsd", "--nsd-tolerance", "2", "--spacing", "0.8,0.8,3",
+            "--surface", "monai"]  # fmt: skip
+    assert main([*args, "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["options"]["surface"] == "monai" and doc["options"]["nsd_tolerance"] == 2.0
+    assert doc["options"]["spacing"] == [0.8, 0.8, 3.0]
+    ref = monai_oracle(gt == 2, pred == 2, (0.8, 0.8, 3.0), 95, 2.0)
+    assert doc["per_class"]["2"]["hd95"] == pytest.approx(ref["hd95"], rel=1e-6)
+    assert doc["per_class"]["2"]["nsd"] == pytest.approx(ref["nsd"], rel=1e-6)
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "hd95" in table and "nsd" in table and "boundary metrics: surface monai" in table
+    for bad in (["--surface", "itk"], ["--spacing", "1,2"], ["--surface", "medpy", "--metrics", "nsd"]):
+        assert main([pz, gz, "--metrics", "hd95", *bad]) == 2
+        assert "error" in capsys.readouterr().err
+
+
+# ============================================================================ float emulations
+def test_pairwise_sum_is_numpys_bit_for_bit():
+    from fastseg_eval.kernels.surface import pairwise_sum_runs
+
+    rng = np.random.default_rng(0)
+    for n in [*range(1, 140), 257, 1000, 8193, 100_003]:
+        vals = np.sort(rng.random(4) * 3)
+        cnt = rng.multinomial(n, [0.25] * 4).astype(np.int64)
+        assert pairwise_sum_runs(vals, cnt) == np.sum(np.repeat(vals, cnt)), n
+
+
+def test_percentile_emulations():
+    from fastseg_eval.metrics.boundary import _numpy_percentile, _torch_quantile
+
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 7, 101, 5000, 100_001):
+        v = np.sort(rng.integers(0, 40, n) * 0.7)
+        vals, cnt = np.unique(v, return_counts=True)
+        for p in (0, 50, 95, 99.5, 100):
+            assert _numpy_percentile(vals, cnt, p) == pytest.approx(np.percentile(v, p), abs=1e-12)
+            v32 = vals.astype(np.float32).astype(np.float64)
+            assert _torch_quantile(v32, cnt, p / 100) == pytest.approx(_torch_quantile_f32(v, p / 100), rel=1e-7)
+
+
+# ============================================================================ real MONAI
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CASES)
+def test_real_monai(name):
+    """MONAI itself (skipped unless installed: ``pip install 'fastseg-eval[monai]'``)."""
+    torch = pytest.importorskip("torch")
+    metrics = pytest.importorskip("monai.metrics")
+    pred, gt = case(name, seed=2)
+    sp = [1.5, 0.8, 1.1]
+    res = fse.evaluate(pred, gt, metrics=",".join(NAMES), surface="monai", spacing=sp, nsd_tolerance=1.6)
+    for k in [int(x) for x in res.labels if x != 0]:
+        g, p = gt == k, pred == k
+        if not g.any() or not p.any():
+            continue
+        yp, yg = (torch.from_numpy(a[None, None].astype(np.float32)) for a in (p, g))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = {
+                "hd": metrics.compute_hausdorff_distance(yp, yg, include_background=True, spacing=sp),
+                "hd95": metrics.compute_hausdorff_distance(yp, yg, include_background=True, percentile=95, spacing=sp),
+                "assd": metrics.compute_average_surface_distance(yp, yg, include_background=True, symmetric=True, spacing=sp),
+                "masd": (metrics.compute_average_surface_distance(yp, yg, include_background=True, spacing=sp)
+                         + metrics.compute_average_surface_distance(yg, yp, include_background=True, spacing=sp)) / 2,
+                "nsd": metrics.compute_surface_dice(yp, yg, [1.6], include_background=True, spacing=sp),
+            }  # fmt: skip
+        for m in NAMES:
+            np.testing.assert_allclose(res.per_class[k][m], float(ref[m].item()), rtol=1e-6, atol=1e-6,
+                                       err_msg=f"label {k} {m}")  # fmt: skip
