@@ -11,6 +11,10 @@ real off-diagonal counts). Two kinds:
 * ``"instances"``: uint16 instance ids (tens of thousands of distinct ids, about 64**3 cells of
   the volume carry their own id); the prediction shifts every cell boundary by one voxel and
   relabels 2 % of the cells.
+* ``"ids64"``: the same with uint64 ids near 2**64 on a grid of ``IDS64_GRID`` cells per axis
+  whatever the volume size (about 10**5 instances): the instance benchmarks, where the id count
+  stays fixed while the volume grows. Its reference is the contingency table itself (distinct
+  (gt, pred) pairs and their counts, sorted).
 
 Every value is a pure function of ``(spec, voxel position)``: any box of a volume can be made
 on its own, so large volumes are written chunk row by chunk row in a few threads with bounded
@@ -60,6 +64,8 @@ BANDS = 6.0  # class bands per unit of the class field (shells ~15 voxels thick)
 OFFSET_CUBES = 32  # cubes per axis that each shift the run of labels they use (K > 32)
 INSTANCE_GRID = 64  # instance cells per axis (about 64**3 ids before masking)
 RELABEL = 0.02  # fraction of instance cells the prediction labels differently
+IDS64_GRID = 80  # "ids64": instance cells per axis, any volume size (about 10**5 ids in the foreground)
+IDS64_LOW = 2**64 - 2**48  # "ids64": ids are drawn from [IDS64_LOW, 2**64 - 1)
 
 
 # ------------------------------------------------------------------------------ sizes
@@ -144,6 +150,8 @@ class SegSpec:
     def dtype(self) -> np.dtype:
         if self.kind == "instances":
             return np.dtype(np.uint16)
+        if self.kind == "ids64":
+            return np.dtype(np.uint64)
         return np.dtype(np.uint8 if self.num_classes <= 256 else np.uint16)
 
     @property
@@ -152,7 +160,7 @@ class SegSpec:
 
     def tag(self) -> str:
         n = "x".join(map(str, self.shape))
-        k = f"K{self.num_classes}" if self.kind == "classes" else "ids"
+        k = f"K{self.num_classes}" if self.kind == "classes" else f"g{IDS64_GRID}" if self.kind == "ids64" else "ids"
         return f"v{GEN_VERSION}-{self.kind}-{k}-{n}-s{self.seed}"
 
 
@@ -175,8 +183,8 @@ class _Generator:
     """Coarse grids and thresholds of one :class:`SegSpec`; :meth:`block` makes any box."""
 
     def __init__(self, spec: SegSpec):
-        if spec.kind not in ("classes", "instances"):
-            raise ValueError(f"kind must be 'classes' or 'instances', got {spec.kind!r}")
+        if spec.kind not in ("classes", "instances", "ids64"):
+            raise ValueError(f"kind must be 'classes', 'instances' or 'ids64', got {spec.kind!r}")
         if spec.kind == "classes" and not 2 <= spec.num_classes <= 65536:
             raise ValueError(f"num_classes must be 2..65536, got {spec.num_classes}")
         self.spec = spec
@@ -199,6 +207,14 @@ class _Generator:
             # every offset 0..K-2 as evenly as the number of cubes allows, in random places
             perm = rng.permutation(int(np.prod(ocount))) % (spec.num_classes - 1)
             self.offsets = perm.astype(np.int32).reshape(ocount)
+        if spec.kind == "ids64":
+            self.icell = tuple(max(1, -(-n // IDS64_GRID)) for n in shape)
+            ishape = tuple(-(-n // c) + 1 for n, c in zip(shape, self.icell))
+            span = 2**64 - 1 - IDS64_LOW
+            self.ids_gt = (np.uint64(IDS64_LOW) + rng.integers(0, span, size=ishape, dtype=np.uint64)).astype(np.uint64)
+            self.ids_pred = self.ids_gt.copy()
+            flip = rng.random(ishape) < RELABEL
+            self.ids_pred[flip] = np.uint64(IDS64_LOW) + rng.integers(0, span, size=int(flip.sum()), dtype=np.uint64)
         if spec.kind == "instances":
             self.icell = tuple(max(1, -(-n // INSTANCE_GRID)) for n in shape)
             ishape = tuple(-(-n // c) + 1 for n, c in zip(shape, self.icell))
@@ -277,6 +293,8 @@ def reference_counts(spec: SegSpec, pred: np.ndarray, gt: np.ndarray) -> dict[st
         k = spec.num_classes
         flat = gt.astype(np.intp).ravel() * k + pred.ravel()
         return {"cm": np.bincount(flat, minlength=k * k).reshape(k, k)}
+    if spec.kind == "ids64":
+        return pair_counts(gt, pred)
     n = 65536
     g, p = gt.ravel(), pred.ravel()
     return {
@@ -284,6 +302,32 @@ def reference_counts(spec: SegSpec, pred: np.ndarray, gt: np.ndarray) -> dict[st
         "pred": np.bincount(p, minlength=n),
         "diag": np.bincount(g[g == p], minlength=n),
     }
+
+
+def pair_counts(gt: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """Independent contingency table: the distinct (gt, pred) pairs (sorted) and their counts."""
+    g, p = gt.ravel(), pred.ravel()
+    order = np.lexsort((p, g))
+    g, p = g[order], p[order]
+    first = np.ones(len(g), dtype=bool)
+    first[1:] = (g[1:] != g[:-1]) | (p[1:] != p[:-1])
+    idx = np.flatnonzero(first)
+    return {"ct_gt": g[idx], "ct_pred": p[idx], "ct_count": np.diff(np.append(idx, len(g))).astype(np.int64)}
+
+
+def combine_counts(spec: SegSpec, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The reference counts of the whole volume from those of its blocks."""
+    if spec.kind != "ids64":
+        return {k: sum(p[k] for p in parts) for k in parts[0]}
+    g = np.concatenate([p["ct_gt"] for p in parts])
+    pr = np.concatenate([p["ct_pred"] for p in parts])
+    c = np.concatenate([p["ct_count"] for p in parts])
+    order = np.lexsort((pr, g))
+    g, pr, c = g[order], pr[order], c[order]
+    first = np.ones(len(g), dtype=bool)
+    first[1:] = (g[1:] != g[:-1]) | (pr[1:] != pr[:-1])
+    idx = np.flatnonzero(first)
+    return {"ct_gt": g[idx], "ct_pred": pr[idx], "ct_count": np.add.reduceat(c, idx) if len(idx) else c}
 
 
 def _boxes(shape, step):
@@ -311,7 +355,7 @@ def make_pair(
     boxes = list(_boxes(spec.shape, (step, spec.shape[1])))
     with ThreadPoolExecutor(threads or cpu_count()) as ex:
         parts = list(ex.map(one, boxes))
-    ref = {k: sum(p[k] for p in parts) for k in parts[0]}
+    ref = combine_counts(spec, parts)
     return pred, gt, ref
 
 
@@ -370,7 +414,7 @@ def ensure_zarr_pair(spec: SegSpec, chunks: int = 128, threads: int | None = Non
 
     with ThreadPoolExecutor(threads or cpu_count()) as ex:
         parts = list(ex.map(one, _boxes(spec.shape, c[:2])))
-    ref = {k: sum(p[k] for p in parts) for k in parts[0]}
+    ref = combine_counts(spec, parts)
     meta = {
         "spec": asdict(spec),
         "tag": spec.tag(),
@@ -415,8 +459,9 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _op_prepare(dtype: str = "uint8", num_classes: int = 4) -> dict[str, Any]:
-    """Import everything and load (or compile) the kernels that the later requests use."""
+def _op_prepare(dtype: str = "uint8", num_classes: int = 4, contingency: bool = False) -> dict[str, Any]:
+    """Import everything and load (or compile) the kernels that the later requests use
+    (with ``contingency``, those of ``fse.contingency`` for ``dtype`` too)."""
     import dask.array  # noqa: F401
     import zarr  # noqa: F401
 
@@ -426,6 +471,8 @@ def _op_prepare(dtype: str = "uint8", num_classes: int = 4) -> dict[str, Any]:
     a = rng.integers(0, num_classes, size=(8, 8, 8)).astype(dtype)
     fse.evaluate(a, a, num_classes=num_classes, workers=2)
     fse.evaluate(a, a, workers=2)
+    if contingency:
+        fse.contingency(a, a, workers=2)
     return {}
 
 
@@ -488,8 +535,28 @@ def _op_dask(pred: str, gt: str, num_classes: int) -> dict[str, Any]:
     return {"cm": counts.reshape(k, k).tolist()}
 
 
+def _op_contingency(pred: str, gt: str, workers: int) -> dict[str, Any]:
+    """``fse.contingency`` of a zarr pair; the table comes back as a digest and its sizes."""
+    import fastseg_eval as fse
+
+    t0 = time.perf_counter()
+    ct = fse.contingency(pred, gt, workers=workers)
+    seconds = time.perf_counter() - t0
+    g, p, c = ct.raw()
+    return {"entries": len(c), "voxels": int(c.sum()), "digest": table_digest(g, p, c), "engine_seconds": seconds}
+
+
+def table_digest(g: np.ndarray, p: np.ndarray, c: np.ndarray) -> str:
+    """Short hash of a sorted contingency table (uint64 ids, int64 counts)."""
+    h = hashlib.sha256()
+    for a, dt in ((g, np.uint64), (p, np.uint64), (c, np.int64)):
+        h.update(np.ascontiguousarray(np.asarray(a, dtype=dt)).view(np.uint8))
+    return h.hexdigest()[:16]
+
+
 OPS = {
     "prepare": _op_prepare,
+    "contingency": _op_contingency,
     "evaluate": _op_evaluate,
     "decode": _op_decode,
     "decode_fast": _op_decode_fast,

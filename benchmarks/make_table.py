@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-GROUP_ORDER = ["kernel K=4", "kernel K=256", "kernel ids", "zarr", "scaling", "cli"]
+GROUP_ORDER = ["kernel K=4", "kernel K=256", "kernel ids", "zarr", "scaling", "instances", "cli", "boundary", "dataset"]
 GIB = 1024.0  # MiB
 
 
@@ -66,6 +66,10 @@ class Results:
     def info(self, key: str, name: str) -> Any:
         b = self.by_key.get(key)
         return None if b is None else b["extra_info"].get(name)
+
+    def instance_scaling_keys(self) -> list[str]:
+        keys = [k for k in self.by_key if k.startswith("instances.scaling.")]
+        return sorted(keys, key=lambda k: self.by_key[k]["extra_info"].get("voxels", 0))
 
     def scaling_keys(self) -> list[str]:
         keys = [k for k in self.by_key if k.startswith("scaling.")]
@@ -225,11 +229,85 @@ def targets_section(res: Results) -> list[str]:
         out.append("| memory flat from the smallest to the largest volume | <= 1.25x | not measured | - |")
     out.append(
         _row(
+            f"dataset {res.info('dataset.fastseg', 'size') or '?'} .nii.gz: nnU-Net's evaluation loop "
+            "(SimpleITK reader) / fastseg-eval, same process count (time ratio)",
+            ">= 3x",
+            _ratio(res.median("dataset.nnunet-sitk"), res.median("dataset.fastseg")),
+            x,
+            lambda v: v >= 3,
+        )
+    )
+    out.append(
+        _row(
+            f"instances: contingency table vs scikit-image contingency_table (throughput ratio, "
+            f"{res.info('instances.fse', 'size') or '?'} uint64, {res.info('instances.fse', 'gt_ids') or '?'} gt ids)",
+            ">= 20x",
+            _ratio(res.rate("instances.fse"), res.rate("instances.skimage")),
+            x,
+            lambda v: v >= 20,
+        )
+    )
+    out.append(
+        _row(
+            f"instances: contingency table throughput on {res.info('instances.fse', 'workers') or '?'} cores",
+            ">= 1 Gvoxel/s",
+            res.rate("instances.fse"),
+            _fmt_rate,
+            lambda v: v >= 1e9,
+        )
+    )
+    iscal = res.instance_scaling_keys()
+    if len(iscal) >= 2:
+        lo, hi = res.info(iscal[0], "peak_rss_mib"), res.info(iscal[-1], "peak_rss_mib")
+        sizes = f"{res.info(iscal[0], 'size')} -> {res.info(iscal[-1], 'size')}"
+        out.append(
+            _row(
+                f"instances: peak RSS flat {sizes} at a fixed id count (ratio)",
+                "<= 1.25x",
+                _ratio(hi, lo),
+                x,
+                lambda v: v <= 1.25,
+                note=f"({lo:.0f} -> {hi:.0f} MiB)",
+            )
+        )
+    else:
+        out.append("| instances: peak RSS flat at a fixed id count | <= 1.25x | not measured | - |")
+    out.append(
+        _row(
             "cli: warm-cache run wall time (process start to exit)",
             "< 2 s",
             res.median("cli.warm"),
             _fmt_time,
             lambda v: v < 2,
+        )
+    )
+    refs = [r for r in (res.median("boundary.deepmind"), res.median("boundary.monai")) if r is not None]
+    out.append(
+        _row(
+            f"boundary {res.info('boundary.fse', 'size') or '?'}, K=4, hd95+assd+nsd: faster of surface-distance "
+            "and MONAI / fastseg-eval (time ratio)",
+            ">= 10x faster",
+            _ratio(min(refs), res.median("boundary.fse")) if refs else None,
+            x,
+            lambda v: v >= 10,
+        )
+    )
+    out.append(
+        _row(
+            f"boundary zarr {res.info('boundary.zarr', 'size') or '?'}, K=4, hd95+assd+nsd, 2 workers: wall time",
+            "<= 30 s",
+            res.median("boundary.zarr"),
+            _fmt_time,
+            lambda v: v <= 30,
+        )
+    )
+    out.append(
+        _row(
+            "boundary zarr: peak RSS",
+            "< 1 GiB",
+            res.info("boundary.zarr", "peak_rss_mib"),
+            _fmt_mib,
+            lambda v: v < GIB,
         )
     )
     return out
@@ -290,6 +368,16 @@ def info_section(res: Results) -> list[str]:
         _ratio(res.median("distributed.local:2"), res.median("distributed.threads")),
         x,
     )
+    add(
+        "dataset: nnU-Net's evaluation loop (nibabel reader) / fastseg-eval (time ratio)",
+        _ratio(res.median("dataset.nnunet-nibabel"), res.median("dataset.fastseg")),
+        x,
+    )
+    add(
+        "dataset: peak RSS, nnU-Net loop (SimpleITK; parent + P pool processes) / fastseg-eval",
+        _ratio(res.info("dataset.nnunet-sitk", "peak_rss_mib"), res.info("dataset.fastseg", "peak_rss_mib")),
+        x,
+    )
     add("zarr: decode-only throughput (zarr-python)", res.rate("zarr.decode"), _fmt_rate)
     add("zarr: decode-only throughput (fastseg chunk reader)", res.rate("zarr.decode_fast"), _fmt_rate)
     add(
@@ -297,6 +385,23 @@ def info_section(res: Results) -> list[str]:
         _ratio(res.median("zarr.evaluate"), res.median("zarr.decode_fast")),
         x,
     )
+    add(
+        "instances: contingency one thread / default threads throughput",
+        _ratio(res.rate("instances.fse1"), res.rate("instances.fse")),
+        x,
+    )
+    add(
+        "instances: evaluate(instances=True) time / contingency time",
+        _ratio(res.median("instances.evaluate"), res.median("instances.fse")),
+        x,
+    )
+    for k in res.instance_scaling_keys():
+        b = res.by_key[k]
+        out.append(
+            f"| instances {b['extra_info']['size']} (zarr): time per voxel, peak / baseline RSS | "
+            f"{float(b['stats']['median']) / b['extra_info']['voxels'] * 1e9:.2f} ns, "
+            f"{b['extra_info'].get('peak_rss_mib', 0):.0f} / {b['extra_info'].get('baseline_rss_mib', 0):.0f} MiB |"
+        )
     for k in res.scaling_keys():
         b = res.by_key[k]
         ns = float(b["stats"]["median"]) / b["extra_info"]["voxels"] * 1e9

@@ -12,6 +12,7 @@ Words used throughout the package:
 Layers (imports point down only; ``pyproject.toml`` states them as import-linter contracts)::
 
     cli, api, demo        thin shells: parse options, build reducers, run, print / write
+    dataset               many cases: match, run in parallel, resume; over api.evaluate
     report/               EvaluationResult, table, plots
     metrics/              formulas over finished counts, threshold-sweep curves
     engine/               plan units over chunk grids; threads | dask graph | dask.distributed
@@ -22,18 +23,25 @@ Layers (imports point down only; ``pyproject.toml`` states them as import-linter
 """
 
 from fastseg_eval._version import __version__
-from fastseg_eval.api import ConfusionMatrix, confusion_matrix, evaluate
+from fastseg_eval.api import ConfusionMatrix, confusion_matrix, contingency, evaluate
+from fastseg_eval.dataset import evaluate_dataset
 from fastseg_eval.errors import BackendError, FastSegError, InputError, LabelError, OptionError
 from fastseg_eval.io.volume import open_volume
 from fastseg_eval.metrics.formulas import METRICS
+from fastseg_eval.reducers.contingency import ContingencyTable
+from fastseg_eval.report.dataset import DatasetResult
 from fastseg_eval.report.result import EvaluationResult
 
 __all__ = [
     "__version__",
     "evaluate",
+    "evaluate_dataset",
     "confusion_matrix",
+    "contingency",
+    "ContingencyTable",
     "ConfusionMatrix",
     "EvaluationResult",
+    "DatasetResult",
     "METRICS",
     "open_volume",
     "FastSegError",

@@ -96,6 +96,9 @@ def _option_flags() -> dict[str, str]:
         if longs and action.dest not in flags:
             flags[action.dest] = longs[0]
     flags.update({p: flags[d] for p, d in _DEST_OF_PARAMETER.items() if d in flags})
+    for action in build_parser()._actions:  # option("geometry_check=False") reads --no-geometry-check
+        if isinstance(action, argparse._StoreFalseAction) and action.option_strings:
+            flags.setdefault(f"{action.dest}=False", action.option_strings[-1])
     return flags
 
 
@@ -231,6 +234,17 @@ def _storage_option(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _spacing(text: str) -> tuple[float, ...]:
+    """``"0.8,0.8,3"`` (z, y, x) or one number for all axes."""
+    try:
+        vals = tuple(float(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        vals = ()
+    if len(vals) not in (1, 3) or not all(v > 0 and v < float("inf") for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected Z,Y,X (e.g. 0.8,0.8,3) or one positive number")
+    return vals * 3 if len(vals) == 1 else vals
+
+
 def _level(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
@@ -270,8 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
             "2 usage error, 130 interrupted (143 on SIGTERM)."
         ),
     )
-    p.add_argument("pred", metavar="PRED", help="prediction: zarr store, node path, .zip store or URL")
-    p.add_argument("gt", metavar="GT", help="ground truth: zarr store, node path, .zip store or URL")
+    p.add_argument(
+        "pred", metavar="PRED", nargs="?",
+        help="prediction: zarr store, node path, .zip store, URL, or a file (.nii.gz, .nii, .tif, .npy, .h5, "
+        ".nrrd, .mha); or a folder of cases (see 'datasets')",
+    )  # fmt: skip
+    p.add_argument(
+        "gt", metavar="GT", nargs="?", help="ground truth: as PRED (a folder of cases when PRED is one)"
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     g = p.add_argument_group("inputs")
@@ -286,6 +306,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--storage-option", dest="storage_options", action="append", type=_storage_option, default=[],
         metavar="KEY=VALUE", help="fsspec option for URLs, repeatable (VALUE read as JSON if it parses)",
+    )  # fmt: skip
+
+    g.add_argument(
+        "--no-geometry-check", dest="geometry_check", action="store_false",
+        help="do not compare the inputs' spacing / origin / direction (NIfTI, ITK, TIFF, HDF5 headers)",
+    )  # fmt: skip
+
+    g = p.add_argument_group(
+        "datasets", "PRED_DIR GT_DIR (two folders of cases, matched by case id = file name without its "
+        "format suffix) or --cases MANIFEST: per-case results, mean +- std over cases, the pooled result",
+    )  # fmt: skip
+    g.add_argument("--cases", metavar="CSV", help="manifest of cases instead of PRED GT: columns case,pred,gt[,mask]")
+    g.add_argument(
+        "--missing", choices=("error", "skip", "empty"), default="error",
+        help="cases without a partner: error (default), skip them, or empty (an absent prediction is all background)",
+    )  # fmt: skip
+    g.add_argument(
+        "--regions", metavar="L,..;L,..", help='merged labels reported beside the labels, e.g. "1,2,3;2,3;3"'
+    )
+    g.add_argument(
+        "--nnunet-summary", metavar="FILE", help="also write nnU-Net v2's summary.json (its layout and definitions)"
+    )
+    g.add_argument(
+        "--resume", metavar="JOURNAL",
+        help="journal of finished cases (JSON lines): a rerun with the same journal skips them",
+    )  # fmt: skip
+    g.add_argument(
+        "--on-error", choices=("stop", "skip"), default="stop",
+        help="a case that cannot be read: stop (default), or skip it, list it in the report and exit 1",
     )  # fmt: skip
 
     g = p.add_argument_group("labels")
@@ -354,6 +403,47 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EPS",
         help="added to numerator and denominator of dice, iou, tversky (default 0)",
     )
+    g.add_argument(
+        "--spacing", type=_spacing, metavar="Z,Y,X",
+        help="voxel size for the boundary metrics (hd, hd95, assd, masd, nsd), e.g. 0.8,0.8,3 or 1.5 "
+        "(default: from the inputs' NIfTI header or OME-Zarr scale, else 1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--surface", choices=("deepmind", "monai", "medpy"), default="deepmind",
+        help="boundary metric convention: DeepMind surface-distance surfels (default), MONAI or MedPy",
+    )  # fmt: skip
+    g.add_argument(
+        "--hd-percentile", type=float, default=95.0, metavar="P", help="percentile of hd95 (default 95)"
+    )
+    g.add_argument(
+        "--nsd-tolerance", type=float, default=1.0, metavar="T",
+        help="tolerance of nsd in physical units (default 1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--empty-distance", type=float, metavar="D",
+        help="boundary distance reported for a label present in one volume only (default: inf, null in JSON)",
+    )  # fmt: skip
+
+    g = p.add_argument_group("instances")
+    g.add_argument(
+        "--instances", action="store_true",
+        help="also instance metrics from the sparse (gt id, pred id) table, same pass: VOI split / merge, "
+        "adapted Rand error, matching at IoU > T, instance precision / recall / F1, PQ = SQ x RQ, one row per "
+        "gt instance (--background-label is left out of matching; --no-background: every id is an instance)",
+    )  # fmt: skip
+    g.add_argument(
+        "--iou-threshold", type=float, default=0.5, metavar="T",
+        help="instances match when IoU > T (default 0.5: unique; below 0.5 greedy, highest IoU first)",
+    )  # fmt: skip
+    g.add_argument(
+        "--connectivity", type=int, nargs="?", const=26, choices=(4, 6, 8, 18, 26), metavar="6|18|26",
+        help="PRED and GT are semantic masks: label each class's connected components as instances first "
+        "(26 without a value; 4 / 8 in 2-D); reads the volumes into memory, needs connected-components-3d",
+    )  # fmt: skip
+    g.add_argument(
+        "--instances-csv", metavar="FILE",
+        help="write the per-instance table (id, matched_id, iou, dice, size: every gt instance) as CSV",
+    )  # fmt: skip
 
     g = p.add_argument_group("compute")
     g.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto", help="(default auto)")
@@ -481,7 +571,7 @@ def _output_paths(args: argparse.Namespace) -> list[tuple[str, str | None]]:
     curves = _curves_path(args.plot) if args.plot and args.sweep else None
     return [
         ("-o", args.output), ("--save-matrix", args.save_matrix), ("--plot", args.plot),
-        ("--plot (curves)", curves),
+        ("--plot (curves)", curves), ("--instances-csv", args.instances_csv),
     ]  # fmt: skip
 
 
@@ -491,12 +581,17 @@ def _check_output_paths(args: argparse.Namespace) -> None:
         raise UsageError(f"--save-matrix {args.save_matrix}: the name must end in .npy or .csv")
     if args.plot and _suffix(args.plot) not in PLOT_EXTENSIONS:
         raise UsageError(f"--plot {args.plot}: the name must end in {', '.join(PLOT_EXTENSIONS)}")
+    if args.instances_csv and _suffix(args.instances_csv) != ".csv":
+        raise UsageError(f"--instances-csv {args.instances_csv}: the name must end in .csv")
     from fastseg_eval.errors import FastSegError
     from fastseg_eval.io.outputs import check_outputs
 
     # never into an input store, never two outputs on one file (OutputPathError: exit 2)
     check_outputs(_output_paths(args), {"pred": args.pred, "gt": args.gt, "mask": args.mask})
-    for flag, path in (("-o", args.output), ("--save-matrix", args.save_matrix), ("--plot", args.plot)):
+    for flag, path in (
+        ("-o", args.output), ("--save-matrix", args.save_matrix), ("--plot", args.plot),
+        ("--instances-csv", args.instances_csv),
+    ):  # fmt: skip
         if path:
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
@@ -564,6 +659,15 @@ def evaluate_kwargs(args: argparse.Namespace, metric_names: list[str] | None) ->
         "storage_options": dict(args.storage_options) or None,
         "memory_limit": args.memory_limit,
         "per_class_limit": args.per_class_limit,
+        "spacing": args.spacing,
+        "surface": args.surface,
+        "hd_percentile": args.hd_percentile,
+        "nsd_tolerance": args.nsd_tolerance,
+        "empty_distance": args.empty_distance,
+        "geometry_check": args.geometry_check,
+        "instances": bool(args.instances or args.instances_csv),
+        "iou_threshold": args.iou_threshold,
+        "connectivity": args.connectivity,
     }
 
 
@@ -638,6 +742,8 @@ def _run(args: argparse.Namespace) -> int:
     from fastseg_eval.metrics.formulas import resolve_metrics
     from fastseg_eval.report.table import format_table
 
+    if _dataset_mode(args):
+        return _run_dataset(args)
     fmt = _output_format(args)
     names = resolve_metrics(args.metrics) if args.metrics else None  # unknown name: OptionError -> 2
     _check_output_paths(args)
@@ -683,6 +789,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.save_matrix:
         save_matrix(res, args.save_matrix)
+    if args.instances_csv:
+        from fastseg_eval.io.outputs import write_text
+
+        write_text(args.instances_csv, res.to_csv(table="instances"), what="--instances-csv")
     if args.plot:
         from fastseg_eval.io.outputs import atomic_write
         from fastseg_eval.report.plot import plot_result
@@ -697,6 +807,161 @@ def _run(args: argparse.Namespace) -> int:
             atomic_write(curves, lambda tmp: plot_curves(res, tmp), what="--plot")
             if not args.quiet:
                 print(f"{PROG}: wrote ROC / precision-recall curves to {curves}", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- datasets
+_DATASET_ONLY = ("--missing", "--regions", "--nnunet-summary", "--resume", "--on-error")
+
+
+def _dataset_mode(args: argparse.Namespace) -> bool:
+    """Whether ``args`` ask for a dataset (PRED_DIR GT_DIR, or --cases); usage errors otherwise."""
+    from fastseg_eval.dataset import is_case_folder
+    from fastseg_eval.errors import InputError
+
+    if args.cases:
+        if args.pred or args.gt:
+            raise UsageError("--cases replaces PRED GT: give the manifest or the two inputs, not both")
+        return True
+    if args.pred is None or args.gt is None:
+        raise UsageError("the following arguments are required: " + ("PRED, GT" if args.pred is None else "GT"))
+    pred_dir, gt_dir = is_case_folder(args.pred), is_case_folder(args.gt)
+    if pred_dir and gt_dir:
+        return True
+    if pred_dir or gt_dir:
+        role, folder, other_role, other = ("PRED", args.pred, "GT", args.gt) if pred_dir else ("GT", args.gt, "PRED", args.pred)
+        raise InputError(
+            f"{role} {folder} is a folder, not a zarr store (no zarr.json, .zarray or .zgroup there): as a folder "
+            f"of cases it needs a folder of cases as {other_role} too, but {other} is not one"
+        )
+    given = {
+        "--missing": args.missing != "error", "--regions": args.regions, "--nnunet-summary": args.nnunet_summary,
+        "--resume": args.resume, "--on-error": args.on_error != "stop",
+    }  # fmt: skip
+    for flag in _DATASET_ONLY:
+        if given[flag]:
+            raise UsageError(f"{flag} applies to datasets: PRED_DIR GT_DIR (two folders of cases) or --cases CSV")
+    return False
+
+
+def _check_dataset_outputs(args: argparse.Namespace, specs: Sequence[Any]) -> list[tuple[str, str | None]]:
+    """Outputs never onto a case (or into a zarr case), never among the cases of an input folder."""
+    from fastseg_eval.errors import FastSegError
+    from fastseg_eval.io.formats import file_format
+    from fastseg_eval.io.outputs import OutputPathError, check_outputs
+
+    if args.save_matrix and _suffix(args.save_matrix) not in MATRIX_EXTENSIONS:
+        raise UsageError(f"--save-matrix {args.save_matrix}: the name must end in .npy or .csv")
+    if args.plot and _suffix(args.plot) not in PLOT_EXTENSIONS:
+        raise UsageError(f"--plot {args.plot}: the name must end in {', '.join(PLOT_EXTENSIONS)}")
+    outputs = [*_output_paths(args), ("--nnunet-summary", args.nnunet_summary), ("--resume", args.resume)]
+    inputs: dict[str, Any] = {"cases manifest": args.cases}
+    for sp in specs:
+        for role, src in (("pred", sp.pred), ("gt", sp.gt), ("mask", sp.mask)):
+            if isinstance(src, str):
+                inputs[f"{role} of case {sp.case}"] = src
+    check_outputs(outputs, inputs)
+    folders = {os.path.realpath(f): f for f in (args.pred, args.gt, args.mask) if f and os.path.isdir(f)}
+    for flag, path in outputs:
+        if not path:
+            continue
+        home = os.path.dirname(os.path.realpath(path))
+        if home in folders and (file_format(path) or path.lower().rstrip("/").endswith((".zarr", ".zip"))):
+            raise OutputPathError(
+                f"{flag} {path} would land among the cases of {folders[home]} (and be read as a case next time); "
+                "write it elsewhere"
+            )
+        if flag != "--plot (curves)":
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise FastSegError(f"{flag} {path}: the directory {parent} does not exist")
+            if os.path.isdir(path):
+                raise FastSegError(f"{flag} {path} is a directory; give a file name")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        from fastseg_eval.report.plot import MISSING_MATPLOTLIB
+
+        raise FastSegError(f"--plot: {MISSING_MATPLOTLIB}")
+    return outputs
+
+
+def _dataset_progress(args: argparse.Namespace) -> Any:
+    on = args.progress
+    if on is None:
+        on = _stderr_is_tty() and not args.quiet
+    if not on:
+        return False
+    from fastseg_eval.dataset import CaseProgress
+
+    try:
+        delay = float(os.environ.get(PROGRESS_DELAY_ENV, "1"))
+    except ValueError:
+        delay = 1.0
+    return lambda total, done: CaseProgress(total, done=done, delay=delay)
+
+
+def _run_dataset(args: argparse.Namespace) -> int:
+    """``fastseg-eval PRED_DIR GT_DIR`` / ``--cases``: every case, then one report (exit 1 if a case failed)."""
+    from fastseg_eval.dataset import evaluate_dataset, resolve_cases, summary_line
+    from fastseg_eval.io.outputs import atomic_write
+    from fastseg_eval.metrics.formulas import resolve_metrics
+
+    if args.sweep:
+        raise UsageError("--sweep is not available for datasets yet; evaluate the cases one by one")
+    if args.instances_csv:
+        raise UsageError("--instances-csv writes the instances of one pair; evaluate the cases one by one")
+    fmt = _output_format(args)
+    names = resolve_metrics(args.metrics) if args.metrics else None
+    specs, _, _ = resolve_cases(args.pred, args.gt, cases=args.cases, missing=args.missing, mask=args.mask)
+    _check_dataset_outputs(args, specs)
+    kwargs = evaluate_kwargs(args, names)
+    for k in ("workers", "scheduler", "label_names", "thresholds"):
+        kwargs.pop(k, None)
+    ds = evaluate_dataset(
+        args.pred, args.gt, cases=args.cases, missing=args.missing, regions=args.regions, workers=args.workers,
+        scheduler=args.scheduler, progress=_dataset_progress(args), resume=args.resume, on_error=args.on_error,
+        label_names=args.label_names, **kwargs,
+    )  # fmt: skip
+    ds.warnings = [_flag_spelling(w) for w in ds.warnings]
+    for c in ds.per_case:
+        c.warnings = [_flag_spelling(w) for w in c.warnings]
+    width = 80 if args.output else _table_width()
+    if fmt == "json":
+        text = ds.to_json()
+    elif fmt == "csv":
+        text = ds.to_csv()
+    else:
+        text = ds.to_table(color=use_color() and not args.output, metrics=names, width=width)
+    if args.output:
+        _write(args.output, text)
+        if not args.quiet:
+            table = text if fmt == "table" else ds.to_table(color=use_color(), metrics=names, width=_table_width())
+            _print(table, optional=True)
+            print(f"{PROG}: wrote the {fmt} report to {args.output}", file=sys.stderr)
+    else:
+        _print(text)
+    if args.nnunet_summary:
+        data = ds.to_nnunet_summary().encode("utf-8")  # as nnU-Net writes it: no newline at the end
+
+        def write(p: str) -> None:
+            with open(p, "wb") as fh:
+                fh.write(data)
+
+        atomic_write(args.nnunet_summary, write, what="--nnunet-summary")
+    if args.save_matrix:
+        save_matrix(ds.pooled, args.save_matrix)
+    if args.plot:
+        from fastseg_eval.report.plot import plot_result
+
+        atomic_write(args.plot, lambda tmp: plot_result(ds.pooled, tmp), what="--plot")
+    if not args.quiet:
+        print(f"{PROG}: {summary_line(ds)}", file=sys.stderr)
+    if ds.failed_cases:
+        print(
+            f"{PROG}: error: {len(ds.failed_cases)} case(s) could not be evaluated (first: {ds.failed_cases[0].error}); "
+            "they are listed under failed_cases in the JSON report",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     return EXIT_OK
 
 

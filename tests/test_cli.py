@@ -492,6 +492,9 @@ def test_every_option_reaches_evaluate(monkeypatch, tmp_path):
         "--scheduler", "tcp://127.0.0.1:8786", "--threshold", "0.4", "--channel-axis", "0", "--prob-scale", "255",
         "--sweep",
         "--label-names", str(names), "--no-progress", "--memory-limit", "8G", "--per-class-limit", "7",
+        "--no-geometry-check", "--spacing", "0.8,0.8,3", "--surface", "monai", "--hd-percentile", "90",
+        "--nsd-tolerance", "2", "--empty-distance", "300", "--instances", "--iou-threshold", "0.3",
+        "--connectivity", "6",
     ]  # fmt: skip
     with pytest.raises(_Captured):
         cli.run(cli.build_parser().parse_args(argv))
@@ -503,7 +506,9 @@ def test_every_option_reaches_evaluate(monkeypatch, tmp_path):
         "metrics": ["dice", "iou", "recall"], "label_names": {1: "liver", 2: "tumour"},
         "background_label": None, "pred_key": "labels/a", "gt_key": "labels/b", "mask_key": "roi",
         "level": 2, "storage_options": {"anon": True, "client_kwargs": {"region_name": "x"}, "profile": "dev"},
-        "memory_limit": "8G", "per_class_limit": 7,
+        "memory_limit": "8G", "per_class_limit": 7, "geometry_check": False,
+        "spacing": (0.8, 0.8, 3.0), "surface": "monai", "hd_percentile": 90.0, "nsd_tolerance": 2.0,
+        "empty_distance": 300.0, "instances": True, "iou_threshold": 0.3, "connectivity": 6,
     }  # fmt: skip
     args = cli.build_parser().parse_args(["p", "g", "--labels", "0-2,7", "--sweep", "11", "--level", "s0",
                                           "--background-label", "3", "--label-names", "1=a b,2=c"])  # fmt: skip

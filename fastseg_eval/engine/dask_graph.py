@@ -15,7 +15,8 @@ What travels
     Zarr inputs travel as *locators* (store path or URL, node path, storage options), never as
     voxel data or pickled zarr arrays: each task opens the store on its worker (handles are
     cached per process) and reads its unit's region of every input. Dask inputs travel as their
-    own graph. numpy inputs already live on the client: local schedulers get views, a
+    own graph. numpy inputs (and files read by region, see io.formats) are read on the client:
+    local schedulers get views, a
     distributed cluster gets each unit's slab scattered to a worker. Each counting task returns a
     small list of reducer partials (one per reducer of the run); partials are merged ``fan_in`` at a
     time inside the graph, so only the final accumulator comes back to the client.
@@ -312,7 +313,7 @@ def build_graph(
     # zarr arrays that cannot be reopened elsewhere are read on the client, like numpy arrays
     here = {
         v.role for v in vols
-        if v.kind == "numpy" or (v.kind == "zarr" and locators[v.role] is None and client is not None)
+        if v.kind in ("numpy", "file") or (v.kind == "zarr" and locators[v.role] is None and client is not None)
     }  # fmt: skip
     sources = {
         v.role: ZarrSource(v, locators[v.role]) for v in vols if v.kind == "zarr" and v.role not in here

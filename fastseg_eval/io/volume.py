@@ -27,12 +27,16 @@ class Volume:
 
     role: str
     source: str
-    kind: str  # "numpy" | "zarr" | "dask" | "cuda" (an array already on the GPU)
+    kind: str  # "numpy" | "zarr" | "dask" | "cuda" (an array already on the GPU) | "file" (io.formats: read by region)
     array: Any
     url: str | None = None  # the store's address, for reopening on dask workers
     key: str | None = None  # node path inside the store
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
     channel_axis: int | None = None  # probability maps: the class axis, moved last when read
+    spacing: tuple[float, ...] | None = None  # physical voxel size per array axis (file header, OME-Zarr scale)
+    origin: tuple[float, ...] | None = None  # world position of voxel (0, ..., 0) (file header; world axes)
+    direction: tuple[tuple[float, ...], ...] | None = None  # per array axis: its unit vector in world axes
+    geometry_source: str | None = None  # where spacing / origin / direction come from ("NIfTI header", ...)
     _reader: Any = field(default=False, init=False, repr=False, compare=False)
 
     @property
@@ -116,6 +120,8 @@ class Volume:
                 return self._reader.read(region, reuse=reuse)
         try:
             out = self.array[region]
+        except InputError:  # a file reader's own message (io.formats) names the input already
+            raise
         except Exception as e:  # a codec or store error: name the chunk and the input
             where = ", ".join(f"{s.start}:{s.stop}" for s in region)
             raise InputError(
@@ -183,7 +189,45 @@ def _zarr_source(arr: Any) -> str:
 
 
 def _zarr_volume(arr, role, source, url, key, storage_options) -> Volume:
-    return Volume(role, source, "zarr", arr, url=url, key=key, storage_options=storage_options)
+    v = Volume(role, source, "zarr", arr, url=url, key=key, storage_options=storage_options)
+    scale = _ome_scale(arr)
+    if scale is not None:
+        v.spacing, v.geometry_source = scale, "OME-Zarr scale"
+    return v
+
+
+def _ome_scale(arr: Any) -> tuple[float, ...] | None:
+    """Voxel size of a multiscale level: its dataset's ``coordinateTransformations`` scale (times the
+    multiscale's own, if any) from the parent group's OME-Zarr metadata; None if there is none."""
+    import zarr
+
+    path = str(getattr(arr, "path", "") or "")
+    if not path:
+        return None
+    parent, _, name = path.rpartition("/")
+    try:
+        group = zarr.open_group(store=arr.store, path=parent, mode="r")
+        multiscales = _ome_multiscales(dict(group.attrs)) or []
+    except Exception:  # no parent group, or one zarr cannot read: no scale
+        return None
+
+    def scale_of(transforms: Any) -> list[float] | None:
+        for t in transforms if isinstance(transforms, list) else []:
+            if isinstance(t, dict) and t.get("type") == "scale" and isinstance(t.get("scale"), list):
+                return [float(x) for x in t["scale"]]
+        return None
+
+    for ms in multiscales:
+        for d in ms.get("datasets") or []:
+            if isinstance(d, dict) and str(d.get("path")) == name:
+                scale = scale_of(d.get("coordinateTransformations"))
+                top = scale_of(ms.get("coordinateTransformations"))
+                if scale is not None and top is not None and len(top) == len(scale):
+                    scale = [a * b for a, b in zip(scale, top)]
+                if scale is None or len(scale) != len(arr.shape) or not all(x > 0 for x in scale):
+                    return None
+                return tuple(scale)
+    return None
 
 
 def _split_zip(path: str) -> tuple[str, str] | None:
@@ -210,11 +254,17 @@ def _open_path(
     import zarr
     import zarr.storage
 
+    from fastseg_eval.io.formats import open_file_path
+
     label = f"{role} ({ROLES.get(role, role)})"
     remote = "://" in path and not path.startswith("file://")
     local = path[len("file://") :] if path.startswith("file://") else path
     store: Any
     inner = key or ""
+    # NIfTI, TIFF, .npy, HDF5, NRRD / MHA: readers of their own (io.formats)
+    opened = open_file_path(path, label, key=key, level=level, remote=remote)
+    if opened is not None:
+        return Volume(role, opened.source, opened.kind, opened.array, key=opened.key, **opened.geometry())
     zip_parts = None if remote else _split_zip(local)
     try:
         if zip_parts is not None:
@@ -236,7 +286,7 @@ def _open_path(
             if os.path.isfile(local):
                 raise InputError(
                     f"{label}: {local} is a file, not a zarr store (expected a directory with zarr.json, "
-                    ".zarray or .zgroup, or a .zip store)"
+                    ".zarray or .zgroup, a .zip store, or a file ending in " + _file_suffixes() + ")"
                 )
             store = zarr.storage.LocalStore(local, read_only=True)
     except InputError:
@@ -263,6 +313,12 @@ def _open_path(
             inner = "/".join(p for p in (inner, sub) if p)
             source = f"{source}/{sub}" if "::" not in source else f"{source}/{sub}"
     return _zarr_volume(node, role, source, path, inner or None, storage_options)
+
+
+def _file_suffixes() -> str:
+    from fastseg_eval.io.formats import FILE_SUFFIXES
+
+    return ", ".join(FILE_SUFFIXES)
 
 
 def _is_symlink_loop(path: str) -> bool:

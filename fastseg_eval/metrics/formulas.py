@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastseg_eval.errors import OptionError
+from fastseg_eval.metrics.boundary import BOUNDARY_METRICS, boundary_name
 
 EMPTY_POLICIES = ("nan", "zero", "one")
 
@@ -133,14 +134,18 @@ def resolve_metric(name: str) -> str:
     try:
         return ALIASES[key]
     except KeyError:
+        boundary = boundary_name(key)  # hd, hd95, assd, masd, nsd: not formulas over counts
+        if boundary is not None:
+            return boundary
         raise OptionError(
-            f"unknown metric {name!r}; choose from {', '.join(METRICS)} (aliases: "
-            f"{', '.join(sorted(a for a in ALIASES if a not in METRICS))})"
+            f"unknown metric {name!r}; choose from {', '.join(METRICS)}, or the boundary metrics "
+            f"{', '.join(BOUNDARY_METRICS)} (aliases: {', '.join(sorted(a for a in ALIASES if a not in METRICS))})"
         ) from None
 
 
 def resolve_metrics(names: Iterable[str] | str | None) -> list[str]:
-    """Canonical names for a selection (``None`` or ``"all"``: every metric), duplicates dropped."""
+    """Canonical names for a selection (``None`` or ``"all"``: every metric over counts; boundary
+    metrics, which cost a surface pass, only when named), duplicates dropped."""
     if names is None or names == "all":
         return list(METRICS)
     if isinstance(names, str):

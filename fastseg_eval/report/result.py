@@ -166,6 +166,9 @@ class EvaluationResult:
     warnings: list[str] = field(default_factory=list)
     timing: dict[str, Any] = field(default_factory=dict)
     curves: dict[int, Any] | None = None
+    instances: dict[str, Any] | None = None
+    """Instance metrics (``evaluate(..., instances=True)``): VOI, adapted Rand, matching, PQ and
+    ``per_gt``; see :mod:`fastseg_eval.metrics.instances`. None when not asked."""
     per_class_limit: int | None = PER_CLASS_LIMIT
     class_table: PerClass | None = field(default=None, repr=False, compare=False)
     """The per-class counts and metrics as arrays (``column(name)``), when built from counts."""
@@ -219,6 +222,8 @@ class EvaluationResult:
         )
         if self.curves is not None:
             d["curves"] = self.curves
+        if self.instances is not None:
+            d["instances"] = self._instances_dict()
         d["warnings"] = list(self.warnings)
         d["timing"] = self.timing
         return _jsonable(d)
@@ -231,12 +236,39 @@ class EvaluationResult:
                 fh.write(text + "\n")
         return text
 
-    def to_csv(self, path: str | None = None) -> str:
+    def _instances_dict(self) -> dict[str, Any]:
+        """``instances`` for JSON: the figures, then ``per_gt`` (the largest ``per_class_limit`` rows)."""
+        inst = self.instances or {}
+        per_gt = inst.get("per_gt") or []
+        out = {k: v for k, v in inst.items() if k != "per_gt"}
+        limit = self.per_class_limit
+        if hasattr(per_gt, "largest"):
+            shown = per_gt.largest(limit)
+        elif limit is None or limit <= 0 or len(per_gt) <= limit:
+            shown = range(len(per_gt))
+        else:  # a plain list: the largest instances, in id order
+            shown = sorted(sorted(range(len(per_gt)), key=lambda i: (-per_gt[i]["size"], i))[:limit])
+        if len(shown) < len(per_gt):
+            out["per_gt_omitted"] = len(per_gt) - len(shown)
+        out["per_gt"] = [per_gt[int(i)] for i in shown]
+        return out
+
+    def to_csv(self, path: str | None = None, *, table: str = "classes") -> str:
         """CSV text: label, name, counts, then every selected metric; one row per class, then the means.
 
         The means follow the classes, one row each, labelled as in the JSON report (``mean``,
         ``foreground_mean``, ``micro``, ``weighted``) and named as in the table; their counts are empty.
+
+        ``table="instances"`` writes the per-instance table instead (``evaluate(..., instances=True)``):
+        one row per ground-truth instance, every one of them, ``id, matched_id, iou, dice, size``
+        (``matched_id`` empty when unmatched; ``class`` too when instances are connected components).
         """
+        if table == "instances":
+            return self._instances_csv(path)
+        if table != "classes":
+            from fastseg_eval.errors import OptionError
+
+            raise OptionError(f"table must be 'classes' or 'instances', got {table!r}")
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["label", "name", *COUNT_KEYS, *self.metrics])
@@ -248,6 +280,27 @@ class EvaluationResult:
             w.writerow(
                 [key, title, *("" for _ in COUNT_KEYS), *(_csv_num(d.get(m, "")) for m in self.metrics)]
             )
+        text = buf.getvalue()
+        if path is not None:
+            with open(path, "w", encoding="utf-8", newline="") as fh:
+                fh.write(text)
+        return text
+
+    def _instances_csv(self, path: str | None) -> str:
+        if self.instances is None:
+            from fastseg_eval.errors import OptionError
+
+            raise OptionError("no instance metrics in this result: evaluate with instances=True")
+        per_gt = self.instances["per_gt"]
+        if hasattr(per_gt, "keys"):
+            keys = per_gt.keys
+        else:
+            keys = list(per_gt[0]) if len(per_gt) else ["id", "matched_id", "iou", "dice", "size"]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(keys)
+        for row in per_gt:
+            w.writerow(["" if row[k] is None else row[k] for k in keys])
         text = buf.getvalue()
         if path is not None:
             with open(path, "w", encoding="utf-8", newline="") as fh:
@@ -319,21 +372,34 @@ def result_from_counts(
     timing: dict[str, Any] | None = None,
     warnings: Sequence[str] = (),
     per_class_limit: int | None = PER_CLASS_LIMIT,
+    boundary: Mapping[str, np.ndarray] | None = None,
 ) -> EvaluationResult:
     """Derive every metric from an accumulator's counts.
 
     ``per_class_limit`` caps the labels the reports list one by one (None or 0: all of them);
-    ``per_class`` itself always answers for every label.
+    ``per_class`` itself always answers for every label. ``boundary``: per-label columns of the
+    boundary metrics asked for (from :func:`fastseg_eval.metrics.boundary.boundary_columns`).
     """
     M.check_empty(empty)
     check_metric_options(tversky_alpha, tversky_beta, smooth)
     names = M.resolve_metrics(metrics)
+    bnames = [m for m in names if m not in M.METRICS]  # boundary metrics: not formulas over counts
+    missing = [m for m in bnames if boundary is None or m not in boundary]
+    if missing:
+        from fastseg_eval.errors import OptionError
+
+        raise OptionError(
+            f"{', '.join(missing)} need(s) the surfaces of the volumes, not only their counts: use "
+            "fastseg_eval.evaluate(..., metrics=[...]) on the volumes"
+        )
     labels = acc.labels
     n = acc.n_voxels
     diag, gtc, prc = acc.diagonal, acc.gt_counts, acc.pred_counts
     counts = M.class_counts(diag, gtc, prc, n)
     opts = {"tversky_alpha": tversky_alpha, "tversky_beta": tversky_beta, "smooth": smooth, "empty": empty}
-    values = M.compute(names, counts["tp"], counts["fp"], counts["fn"], counts["tn"], **opts)
+    conf = [m for m in names if m in M.METRICS]
+    values = M.compute(conf, counts["tp"], counts["fp"], counts["fn"], counts["tn"], **opts)
+    values.update({m: np.asarray(boundary[m], dtype=np.float64) for m in bnames})  # type: ignore[index]
 
     columns = {k: np.asarray(counts[k], dtype=np.int64) for k in COUNT_KEYS}
     columns.update({name: np.asarray(values[name], dtype=np.float64) for name in names})
@@ -346,7 +412,7 @@ def result_from_counts(
     mean, mean_n = M.macro(values, all_classes)
     fg_mean, fg_n = M.macro(values, fg)
     pooled = {k: np.array([counts[k][fg].sum()], dtype=np.int64) for k in ("tp", "fp", "fn", "tn")}
-    micro = {k: float(v[0]) for k, v in M.compute(names, **pooled, **opts).items()}
+    micro = {k: float(v[0]) for k, v in M.compute(conf, **pooled, **opts).items()}
     overall = {
         k: float(M.apply_empty(np.array([v]), empty)[0]) for k, v in M.overall(diag, gtc, prc, n).items()
     }
@@ -358,7 +424,7 @@ def result_from_counts(
         mean={**mean, "n_averaged": mean_n},
         foreground_mean={**fg_mean, "n_averaged": fg_n},
         micro=micro,
-        weighted=M.weighted(values, counts["support"]),
+        weighted=M.weighted({m: values[m] for m in conf}, counts["support"]),
         overall=overall,
         n_voxels=n,
         n_ignored=acc.n_ignored,
@@ -383,7 +449,7 @@ def result_from_counts(
     if spec is not None and spec.bins:
         curve_labels = [1] if spec.mode == "threshold" else list(range(spec.channels))
         res.curves = LabelDict(curves(acc.sweep_histogram, spec, curve_labels))
-    res.warnings = [*warnings, *diagnose(res, counts, background_label)]
+    res.warnings = [*warnings, *diagnose(res, counts, background_label), *_boundary_warnings(res, values, bnames)]
     mistake = scale_mistake(spec, acc.largest_probability)  # evaluate() refuses it; a streaming result warns
     if mistake:
         res.warnings.append(Message(mistake))
@@ -402,6 +468,27 @@ def result_from_counts(
             "every per-class and overall metric is exact"
         )
     return res
+
+
+def _boundary_warnings(res: EvaluationResult, values: Mapping[str, np.ndarray], bnames: Sequence[str]) -> list[str]:
+    """Labels whose boundary distances are infinite (present in one volume only): JSON writes null."""
+    dist = [m for m in bnames if m != "nsd"]
+    if not dist:
+        return []
+    inf = np.zeros(len(res.labels), bool)
+    for m in dist:
+        inf |= np.isinf(values[m])
+    labs = np.asarray(res.labels)[inf].tolist()
+    if not labs:
+        return []
+    shown = ", ".join(map(str, labs[:WARN_LABELS])) + (", ..." if len(labs) > WARN_LABELS else "")
+    return [
+        Message(
+            f"label(s) {shown} occur in one volume only: their boundary distances ({', '.join(dist)}) are "
+            f"infinite (null in JSON, and so are means over them), nsd 0; pass "
+            f"{option('empty_distance', '')} to report a fixed distance instead"
+        )
+    ]
 
 
 def check_metric_options(tversky_alpha: float, tversky_beta: float, smooth: float) -> None:

@@ -24,6 +24,7 @@ SHORT_NAMES = {
     "iou": "iou", "tversky": "tvrsky", "npv": "npv", "fpr": "fpr", "fnr": "fnr", "fdr": "fdr", "for": "for",
     "balanced_accuracy": "bal_acc", "informedness": "inform", "markedness": "marked", "mcc": "mcc",
     "fowlkes_mallows": "fm", "prevalence_threshold": "prev_t", "volume_similarity": "vol_sim",
+    "hd": "hd", "hd95": "hd95", "assd": "assd", "masd": "masd", "nsd": "nsd",
 }  # fmt: skip
 """Column headings (at most 7 characters)."""
 
@@ -32,7 +33,11 @@ _MIN_LABEL = 12
 
 
 def _fmt(x: Any) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float) and math.isfinite(x) and abs(x) >= 100:  # distances: keep 7 characters
+        return f"{x:.{max(0, 5 - len(str(int(abs(x)))))}f}"
+    return f"{x:.4f}"
 
 
 def _count(n: int) -> str:
@@ -173,6 +178,15 @@ def format_table(
         + (f"; smooth {opts['smooth']:g}" if opts.get("smooth") else "")
         + ("; matrix: diagonal + marginals only" if opts.get("matrix") == "diagonal+marginals" else "")
     )  # fmt: skip
+    if opts.get("surface"):  # boundary metrics: the convention and the spacing they used
+        sp = "x".join(f"{v:g}" for v in opts.get("spacing") or ())
+        lines.extend(
+            textwrap.wrap(
+                f"boundary metrics: surface {opts['surface']}, spacing {sp} ({opts.get('spacing_from')}), "
+                f"nsd tolerance {opts.get('nsd_tolerance'):g}, labels: {opts.get('boundary_labels')}",
+                width,
+            )
+        )
     lines.append("")
 
     # ---------------------------------------------------------------- per-class table
@@ -192,8 +206,10 @@ def format_table(
     texts = [label_text(lab, names) for lab in shown]
     want = max([len("label"), *(len(t) for t in texts), *(len(t) for t, _ in mean_rows)])
     lab_w = max(min(want, width - 1 - sup_w - _COL * len(cols)), _MIN_LABEL)
+    pct = opts.get("hd_percentile")
+    heads = {**SHORT_NAMES, "hd95": f"hd{pct:g}"[:7] if isinstance(pct, (int, float)) else "hd95"}
     head = f"{'label':<{lab_w}} {'support':>{sup_w}}" + "".join(
-        f"{SHORT_NAMES.get(c, c[:7]):>{_COL}}" for c in cols
+        f"{heads.get(c, c[:7]):>{_COL}}" for c in cols
     )
     rule = "-" * len(head)
     lines.append(bold(head))
@@ -248,6 +264,11 @@ def format_table(
             parts.append(f"{t['workers']} worker{'s' if t['workers'] != 1 else ''}")
         lines.append("time:    " + ", ".join(parts))
 
+    # ---------------------------------------------------------------- instances
+    if res.instances is not None:
+        lines.append("")
+        lines.extend(instance_lines(res.instances, width))
+
     # ---------------------------------------------------------------- threshold sweep
     if res.curves:
         lines.append("")
@@ -263,6 +284,29 @@ def format_table(
         if max_warnings > 0 and extra > 0:
             lines.append(yellow(f"... and {extra} more warnings (all in --format json)"))
     return "\n".join(lines)
+
+
+def instance_lines(inst: dict[str, Any], width: int = 80) -> list[str]:
+    """The instance metrics in a few lines (``evaluate(..., instances=True)``)."""
+    bg = inst.get("background")
+    how = f"IoU > {inst.get('iou_threshold', 0.5):g}" + (
+        "" if inst.get("matching") != "greedy" else ", greedy (highest IoU first)"
+    )
+    where = "every id an instance" if bg is None else f"background {bg} left out"
+    comps = f"; connected components, {inst['connectivity']}-connectivity" if inst.get("connectivity") else ""
+    text = [
+        f"instances: {_count(inst['n_gt'])} in gt, {_count(inst['n_pred'])} predicted ({how}; {where}{comps})",
+        f"  matched {_count(inst['tp'])}, fp {_count(inst['fp'])}, fn {_count(inst['fn'])}: precision "
+        f"{_fmt(inst['precision'])}  recall {_fmt(inst['recall'])}  F1 {_fmt(inst['f1'])}",
+        f"  PQ {_fmt(inst['pq'])} = SQ {_fmt(inst['sq'])} x RQ {_fmt(inst['rq'])}",
+        f"  VOI split {_fmt(inst['voi_split'])}  merge {_fmt(inst['voi_merge'])} bits;  adapted Rand error "
+        f"{_fmt(inst['adapted_rand_error'])} (precision {_fmt(inst['rand_precision'])}, recall "
+        f"{_fmt(inst['rand_recall'])})",
+    ]
+    out: list[str] = []
+    for line in text:
+        out.extend(textwrap.wrap(line, width, subsequent_indent="    ") or [""])
+    return out
 
 
 def headline(res: EvaluationResult, cols: Sequence[str] = ("dice", "iou")) -> str:
