@@ -33,7 +33,6 @@ import csv
 import inspect
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -50,6 +49,7 @@ from fastseg_eval.io.formats import case_id, file_format
 from fastseg_eval.io.outputs import ZARR_METADATA
 from fastseg_eval.io.volume import open_volume
 from fastseg_eval.metrics import formulas as M
+from fastseg_eval.progress import CaseProgressBar
 from fastseg_eval.report.dataset import (
     CaseCounts,
     DatasetResult,
@@ -504,67 +504,6 @@ def _case_task(spec: CaseSpec, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return run_case(spec, kwargs, 1, None)
 
 
-# ------------------------------------------------------------------------------------ progress
-class CaseProgress:
-    """Cases done of all, voxels counted and their rate, ETA; on stderr, after ``delay`` seconds."""
-
-    def __init__(self, total: int, *, done: int = 0, stream: Any = None, delay: float = 1.0, interval: float = 0.2):
-        self.total, self.done = max(int(total), 1), int(done)
-        self.start_done = self.done
-        self.voxels = 0
-        self.stream = stream if stream is not None else sys.stderr
-        self.delay, self.interval = delay, interval
-        self.start = time.perf_counter()
-        self.last = 0.0
-        self.shown = False
-        self.lock = threading.Lock()
-
-    def add_voxels(self, n: int) -> None:
-        with self.lock:
-            self.voxels += int(n)
-            self._maybe_draw()
-
-    def case_done(self) -> None:
-        with self.lock:
-            self.done += 1
-            self._maybe_draw(force=self.done >= self.total)
-
-    def _maybe_draw(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if now - self.start >= self.delay and (force or now - self.last >= self.interval):
-            self.last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        frac = min(self.done / self.total, 1.0)
-        width = 20
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        new = self.done - self.start_done
-        eta = (self.total - self.done) * elapsed / new if new > 0 else float("inf")
-        eta_s = f"{eta:5.0f}s" if eta != float("inf") else "    ?"
-        self.stream.write(
-            f"\r[{bar}] {self.done}/{self.total} cases  {_si(self.voxels)} voxels  {_si(self.voxels / elapsed)}voxel/s"
-            f"  ETA {eta_s}"
-        )
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        with self.lock:
-            if self.shown:
-                self._draw(time.perf_counter())
-                self.stream.write("\n")
-                self.stream.flush()
-
-
-def _si(x: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= div:
-            return f"{x / div:.1f}{unit}"
-    return f"{x:.0f}"
-
-
 # ------------------------------------------------------------------------------------ running
 def _check_options(evaluate_options: Mapping[str, Any]) -> None:
     params = inspect.signature(api.evaluate).parameters
@@ -580,7 +519,7 @@ def _run_local(
     kwargs: Mapping[str, Any],
     workers: int,
     on_done: Callable[[CaseSpec, dict[str, Any] | None, BaseException | None], None],
-    bar: CaseProgress | None,
+    bar: CaseProgressBar | None,
 ) -> None:
     """Cases in a pool of threads: ``min(workers, cases)`` at a time, the spare threads inside each."""
     outer = max(1, min(workers, len(todo)))
@@ -728,7 +667,7 @@ def evaluate_dataset(
         the files themselves.
     progress : bool or callable
         ``True``: a progress bar over cases and voxels on stderr; or a callable ``(cases, done)``
-        returning a :class:`CaseProgress` (``done``: cases resumed from the journal).
+        returning a :class:`CaseProgressBar` (``done``: cases resumed from the journal).
     resume : path, optional
         Journal file: finished cases are appended; an interrupted run given the same journal skips
         them and reports exactly what an uninterrupted run reports.
@@ -814,13 +753,13 @@ def evaluate_dataset(
     resumed = len(records)
     todo = [s for s in specs if s.case not in records]
     if progress is True:
-        bar: CaseProgress | None = CaseProgress(len(specs), done=resumed)
+        bar: CaseProgressBar | None = CaseProgressBar(len(specs), done=resumed)
     elif progress in (False, None):
         bar = None
     elif callable(progress):
         bar = progress(len(specs), resumed)
     else:
-        raise OptionError(f"progress must be True, False or a callable (cases, done) -> CaseProgress, got {progress!r}")
+        raise OptionError(f"progress must be True, False or a callable (cases, done) -> CaseProgressBar, got {progress!r}")
     failed: list[FailedCase] = []
 
     def on_done(spec: CaseSpec, rec: dict[str, Any] | None, err: BaseException | None) -> None:
@@ -940,4 +879,4 @@ def summary_line(ds: DatasetResult) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["evaluate_dataset", "CaseProgress", "Journal", "resolve_cases", "list_cases", "is_case_folder"]
+__all__ = ["evaluate_dataset", "CaseProgressBar", "Journal", "resolve_cases", "list_cases", "is_case_folder"]

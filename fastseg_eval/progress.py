@@ -26,12 +26,14 @@ class ProgressBar:
     def __call__(self, n: int) -> None:
         with self.lock:
             self.done += int(n)
-            now = time.perf_counter()
-            if now - self.start >= self.delay and (
-                now - self.last >= self.interval or self.done >= self.total
-            ):
-                self.last = now
-                self._draw(now)
+            self._maybe_draw(force=self.done >= self.total)
+
+    def _maybe_draw(self, force: bool = False) -> None:
+        """Redraw (lock held) once ``delay`` has passed, at most every ``interval`` unless ``force``."""
+        now = time.perf_counter()
+        if now - self.start >= self.delay and (force or now - self.last >= self.interval):
+            self.last = now
+            self._draw(now)
 
     def _draw(self, now: float) -> None:
         frac = min(self.done / self.total, 1.0)
@@ -54,6 +56,41 @@ class ProgressBar:
                 self._draw(time.perf_counter())
                 self.stream.write("\n")
                 self.stream.flush()
+
+
+class CaseProgressBar(ProgressBar):
+    """Cases done of all (``case_done``), voxels counted (``add_voxels``) and their rate, ETA."""
+
+    def __init__(self, total: int, *, done: int = 0, stream: TextIO | None = None, delay: float = 1.0,
+                 interval: float = 0.2):  # fmt: skip
+        super().__init__(total, stream=stream, delay=delay, interval=interval)
+        self.done = self.start_done = int(done)  # cases finished before this run (a resumed journal)
+        self.voxels = 0
+
+    def add_voxels(self, n: int) -> None:
+        with self.lock:
+            self.voxels += int(n)
+            self._maybe_draw()
+
+    def case_done(self) -> None:
+        with self.lock:
+            self.done += 1
+            self._maybe_draw(force=self.done >= self.total)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        frac = min(self.done / self.total, 1.0)
+        width = 20
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        new = self.done - self.start_done
+        eta = (self.total - self.done) * elapsed / new if new > 0 else float("inf")
+        eta_s = f"{eta:5.0f}s" if eta != float("inf") else "    ?"
+        self.stream.write(
+            f"\r[{bar}] {self.done}/{self.total} cases  {_si(self.voxels)} voxels  {_si(self.voxels / elapsed)}voxel/s"
+            f"  ETA {eta_s}"
+        )
+        self.stream.flush()
+        self.shown = True
 
 
 def _si(x: float) -> str:

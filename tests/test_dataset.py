@@ -631,7 +631,7 @@ def test_progress_bar_over_cases(tmp_path):
     cases = make_cases(3)
     pd, gd, _ = write_nifti_dataset(tmp_path, cases)
     buf = io.StringIO()
-    from fastseg_eval.dataset import CaseProgress
+    from fastseg_eval.progress import CaseProgressBar as CaseProgress
 
     bars = []
 
