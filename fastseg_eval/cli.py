@@ -575,6 +575,26 @@ def _output_paths(args: argparse.Namespace) -> list[tuple[str, str | None]]:
     ]  # fmt: skip
 
 
+def _check_output_file(flag: str, path: str) -> None:
+    """An output path must name a file in a folder that exists (one line otherwise)."""
+    from fastseg_eval.errors import FastSegError
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FastSegError(f"{flag} {path}: the directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise FastSegError(f"{flag} {path} is a directory; give a file name")
+
+
+def _check_plot_backend(args: argparse.Namespace) -> None:
+    """``--plot`` needs matplotlib: say so before the run, not after it."""
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        from fastseg_eval.errors import FastSegError
+        from fastseg_eval.report.plot import MISSING_MATPLOTLIB
+
+        raise FastSegError(f"--plot: {MISSING_MATPLOTLIB}")
+
+
 def _check_output_paths(args: argparse.Namespace) -> None:
     """Problems with output paths, found before a possibly long run."""
     if args.save_matrix and _suffix(args.save_matrix) not in MATRIX_EXTENSIONS:
@@ -583,7 +603,6 @@ def _check_output_paths(args: argparse.Namespace) -> None:
         raise UsageError(f"--plot {args.plot}: the name must end in {', '.join(PLOT_EXTENSIONS)}")
     if args.instances_csv and _suffix(args.instances_csv) != ".csv":
         raise UsageError(f"--instances-csv {args.instances_csv}: the name must end in .csv")
-    from fastseg_eval.errors import FastSegError
     from fastseg_eval.io.outputs import check_outputs
 
     # never into an input store, never two outputs on one file (OutputPathError: exit 2)
@@ -593,15 +612,8 @@ def _check_output_paths(args: argparse.Namespace) -> None:
         ("--instances-csv", args.instances_csv),
     ):  # fmt: skip
         if path:
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise FastSegError(f"{flag} {path}: the directory {parent} does not exist")
-            if os.path.isdir(path):
-                raise FastSegError(f"{flag} {path} is a directory; give a file name")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        from fastseg_eval.report.plot import MISSING_MATPLOTLIB
-
-        raise FastSegError(f"--plot: {MISSING_MATPLOTLIB}")
+            _check_output_file(flag, path)
+    _check_plot_backend(args)
 
 
 def _progress(args: argparse.Namespace, evaluate_kwargs: dict[str, Any]) -> Any:
@@ -846,7 +858,6 @@ def _dataset_mode(args: argparse.Namespace) -> bool:
 
 def _check_dataset_outputs(args: argparse.Namespace, specs: Sequence[Any]) -> list[tuple[str, str | None]]:
     """Outputs never onto a case (or into a zarr case), never among the cases of an input folder."""
-    from fastseg_eval.errors import FastSegError
     from fastseg_eval.io.formats import file_format
     from fastseg_eval.io.outputs import OutputPathError, check_outputs
 
@@ -872,15 +883,8 @@ def _check_dataset_outputs(args: argparse.Namespace, specs: Sequence[Any]) -> li
                 "write it elsewhere"
             )
         if flag != "--plot (curves)":
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise FastSegError(f"{flag} {path}: the directory {parent} does not exist")
-            if os.path.isdir(path):
-                raise FastSegError(f"{flag} {path} is a directory; give a file name")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        from fastseg_eval.report.plot import MISSING_MATPLOTLIB
-
-        raise FastSegError(f"--plot: {MISSING_MATPLOTLIB}")
+            _check_output_file(flag, path)
+    _check_plot_backend(args)
     return outputs
 
 

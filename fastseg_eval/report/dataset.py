@@ -35,7 +35,14 @@ import numpy as np
 
 from fastseg_eval._version import __version__
 from fastseg_eval.metrics import formulas as M
-from fastseg_eval.report.result import COUNT_KEYS, EvaluationResult, LabelDict, result_from_counts
+from fastseg_eval.report.result import (
+    COUNT_KEYS,
+    EvaluationResult,
+    LabelDict,
+    csv_number,
+    jsonable,
+    result_from_counts,
+)
 
 STATS = ("mean", "std", "median", "min", "max", "n")
 NNUNET_METRICS = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
@@ -476,7 +483,7 @@ class DatasetResult:
                 "warnings": [str(w) for w in self.warnings],
             }
         )
-        return _jsonable(d)
+        return jsonable(d)
 
     def to_json(self, path: str | None = None, *, indent: int | None = 2) -> str:
         """JSON text of :meth:`to_dict` (``null`` for undefined values); also written to ``path`` if given."""
@@ -500,13 +507,13 @@ class DatasetResult:
                 row = c.per_class[lab]
                 w.writerow(
                     [c.case, "label", lab, names.get(lab, ""), c.pred_source, c.gt_source,
-                     *(row[k] for k in COUNT_KEYS), *(_csv_num(row[m]) for m in self.metrics)]
+                     *(row[k] for k in COUNT_KEYS), *(csv_number(row[m]) for m in self.metrics)]
                 )  # fmt: skip
             for key in self.regions:
                 row = c.regions[key]
                 w.writerow(
                     [c.case, "region", key, "", c.pred_source, c.gt_source,
-                     *(row[k] for k in COUNT_KEYS), *(_csv_num(row.get(m, math.nan)) for m in self.metrics)]
+                     *(row[k] for k in COUNT_KEYS), *(csv_number(row.get(m, math.nan)) for m in self.metrics)]
                 )  # fmt: skip
         text = buf.getvalue()
         if path is not None:
@@ -589,7 +596,7 @@ def _case_dict(c: CaseResult, pooled: bool = False) -> dict[str, Any]:
     if not pooled:
         d["inputs"] = full.get("inputs", {})
     d.update({k: full[k] for k in keep if k in full})
-    d["regions"] = _jsonable(c.regions)
+    d["regions"] = jsonable(c.regions)
     if not pooled:
         d["warnings"] = [str(w) for w in c.warnings]
     return d
@@ -600,26 +607,6 @@ def _warning_of(text: str) -> Any:
     from fastseg_eval.errors import Message
 
     return Message(text) if isinstance(text, str) and "\x02" in text else text
-
-
-def _csv_num(x: Any) -> Any:
-    return "" if isinstance(x, float) and math.isnan(x) else x
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(float(x)) else float(x)
-    return x
 
 
 def _nnunet_types(x: Any) -> Any:

@@ -226,7 +226,7 @@ class EvaluationResult:
             d["instances"] = self._instances_dict()
         d["warnings"] = list(self.warnings)
         d["timing"] = self.timing
-        return _jsonable(d)
+        return jsonable(d)
 
     def to_json(self, path: str | None = None, *, indent: int | None = 2) -> str:
         """JSON text of :meth:`to_dict` (``null`` for undefined values); also written to ``path`` if given."""
@@ -275,10 +275,10 @@ class EvaluationResult:
         for lab in self.reported_labels():
             row = self.per_class[lab]
             name = (self.label_names or {}).get(lab, "")
-            w.writerow([lab, name, *(row[k] for k in COUNT_KEYS), *(_csv_num(row[m]) for m in self.metrics)])
+            w.writerow([lab, name, *(row[k] for k in COUNT_KEYS), *(csv_number(row[m]) for m in self.metrics)])
         for key, title, d in self._mean_rows():
             w.writerow(
-                [key, title, *("" for _ in COUNT_KEYS), *(_csv_num(d.get(m, "")) for m in self.metrics)]
+                [key, title, *("" for _ in COUNT_KEYS), *(csv_number(d.get(m, "")) for m in self.metrics)]
             )
         text = buf.getvalue()
         if path is not None:
@@ -335,19 +335,21 @@ class EvaluationResult:
         )
 
 
-def _csv_num(x: Any) -> Any:
+def csv_number(x: Any) -> Any:
+    """A CSV cell: an empty cell for NaN."""
     return "" if isinstance(x, float) and math.isnan(x) else x
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """``x`` as plain JSON types: str keys, lists, ints, floats with ``None`` for NaN / inf."""
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
         if x.dtype.kind in "iub":  # plain ints already: no walk over a million elements
             return x.tolist()
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (float, np.floating)):
