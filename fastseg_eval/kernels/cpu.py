@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from numba.cpython.unsafe.numbers import trailing_zeros
+
 from fastseg_eval.kernels.jit import njit  # numba.njit, with the on-disk cache outside the package
 
 LUT_SIZE = 1 << 16  # label values below this map through a direct lookup table
@@ -353,6 +355,263 @@ def count_mapped(
 
 _LOW = (np.uint64(0), np.uint64(0xFF), np.uint64(0xFFFF))
 _BCAST = (np.uint64(0), np.uint64(0x0101010101010101), np.uint64(0x0001000100010001))
+_LO7 = (np.uint64(0), np.uint64(0x7F7F7F7F7F7F7F7F), np.uint64(0x7FFF7FFF7FFF7FFF))
+_SPREAD16 = np.uint64(0x0000FFFF0000FFFF)
+_SPREAD8 = np.uint64(0x00FF00FF00FF00FF)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _zero_lanes(x, lo7):
+    """The top bit of every lane of ``x`` that is zero, nothing else (exact: no carry between lanes)."""
+    return ~(((x & lo7) + lo7) | x | lo7)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _lane_count(z, top, bcast, width):
+    """Number of lanes whose top bit is set in ``z`` (a multiply sums the lanes into the top one)."""
+    return np.int64(((z >> top) * bcast) >> width)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _mask_lanes(word, w, size):
+    """Mask bytes of label word ``w`` from mask word ``word`` (``mw[w >> (size - 1)]``), one per
+    lane (a 2-byte lane holds its byte low)."""
+    if size == 1:
+        return word
+    x = (word >> np.uint64((w & 1) * 32)) & _LOW32
+    x = (x | (x << np.uint64(16))) & _SPREAD16
+    return (x | (x << np.uint64(8))) & _SPREAD8
+
+
+@njit(nogil=True, cache=True)
+def count_words(
+    g1, p1, m1, gw, pw, mw, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed,
+    dense, lut, hkeys, hvals, labels, kcap, acc, state, start,
+):  # fmt: skip
+    """:func:`count_mapped` for C-contiguous 1-D chunks of 1- or 2-byte labels, one 64-bit word
+    (8 or 4 voxels) at a time: label values map through ``lut`` (every value of these types is
+    below ``LUT_SIZE``), with the same statuses, ``start`` and ``state[POS]``; the table layout is
+    dense or marginals. ``gw`` / ``pw`` are uint64 views of the first ``len(gw) * 8`` bytes of
+    ``g1`` / ``p1``, ``mw`` of the uint8 mask ``m1``; gt and pred have the same item size.
+
+    * A word equal to the previous counted uniform word extends the run.
+    * A uniform word (every lane equal to its first) is resolved once.
+    * A mixed word is counted by distinct (gt, pred) pair: the lanes equal to the lowest uncounted
+      lane's pair are found with a carry-free zero-lane test on ``(gt ^ g0) | (pred ^ p0)`` and
+      counted with one multiply, so a word of two pairs costs two lookups and two table updates
+      instead of one per voxel. Its pairs are resolved before any is added: a word is counted whole or not at all, so a grow-and-resume
+      restarts at the word.
+    """
+    size = g1.itemsize
+    lanes = 8 // size
+    width = np.uint64(64 - 8 * size)
+    top = np.uint64(8 * size - 1)
+    low = _LOW[size]
+    bcast = _BCAST[size]
+    lo7 = _LO7[size]
+    hi = ~lo7
+    nwords = gw.shape[0]
+    pairs_g = np.empty(8, dtype=np.int64)
+    pairs_p = np.empty(8, dtype=np.int64)
+    pairs_n = np.empty(8, dtype=np.int64)
+    run_g = np.int64(0)
+    run_p = np.int64(0)
+    run_w = np.int64(0)
+    nignored = 0
+    nmasked = 0
+    status = OK
+    have_prev = False
+    prev_a = np.uint64(0)
+    prev_b = np.uint64(0)
+    prev_m = np.uint64(0)
+    w = start // lanes if start < nwords * lanes else nwords
+    while w < nwords:
+        a = gw[w]
+        b = pw[w]
+        mword = _mask_lanes(mw[(w) >> (size - 1)], w, size) if has_mask else hi
+        if have_prev and a == prev_a and b == prev_b and mword == prev_m:
+            run_w += lanes
+            w += 1
+            continue
+        have_prev = False
+        g = a & low
+        p = b & low
+        if has_mask:
+            m = mword & low
+            uniform = (a == g * bcast) & (b == p * bcast) & (mword == m * bcast)
+        else:
+            m = np.uint64(1)
+            uniform = (a == g * bcast) & (b == p * bcast)
+        if uniform:
+            if m == 0:
+                nmasked += lanes
+            elif has_ignore and g == ignore:
+                nignored += lanes
+            else:
+                ig = np.int64(lut[g])
+                if ig < 0:
+                    ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
+                ip = np.int64(0)
+                if ig >= 0:
+                    ip = np.int64(lut[p])
+                    if ip < 0:
+                        ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
+                if ig < 0 or ip < 0:
+                    status = -ig if ig < 0 else (BAD_PRED if ip == -BAD_GT else -ip)
+                    state[VALUE] = np.int64(g if ig < 0 else p)
+                    state[POS] = w * lanes
+                    break
+                if ig == run_g and ip == run_p:
+                    run_w += lanes
+                else:
+                    if dense:
+                        acc[run_g * kcap + run_p] += run_w
+                    else:
+                        acc[run_g] += run_w
+                        acc[kcap + run_p] += run_w
+                        if run_g == run_p:
+                            acc[2 * kcap + run_g] += run_w
+                    run_g = ig
+                    run_p = ip
+                    run_w = lanes
+                have_prev = True
+                prev_a = a
+                prev_b = b
+                prev_m = mword
+            w += 1
+            continue
+        remaining = hi
+        if has_mask:
+            z = _zero_lanes(mword, lo7)
+            nmasked_w = _lane_count(z, top, bcast, width)
+            remaining ^= z
+        else:
+            nmasked_w = 0
+        nignored_w = 0
+        npairs = 0
+        while remaining != 0:
+            sh = np.uint64(trailing_zeros(remaining)) - top
+            g = (a >> sh) & low
+            p = (b >> sh) & low
+            z = _zero_lanes((a ^ (g * bcast)) | (b ^ (p * bcast)), lo7) & remaining
+            remaining ^= z
+            n = _lane_count(z, top, bcast, width)
+            if has_ignore and g == ignore:
+                nignored_w += n
+                continue
+            ig = np.int64(lut[g])
+            if ig < 0:
+                ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
+            ip = np.int64(0)
+            if ig >= 0:
+                ip = np.int64(lut[p])
+                if ip < 0:
+                    ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
+            if ig < 0 or ip < 0:
+                status = -ig if ig < 0 else (BAD_PRED if ip == -BAD_GT else -ip)
+                break
+            pairs_g[npairs] = ig
+            pairs_p[npairs] = ip
+            pairs_n[npairs] = n
+            npairs += 1
+        if status != OK:
+            if status == BAD_GT or status == BAD_PRED:  # report the first bad voxel in order
+                status = OK
+                for kk in range(w * lanes, (w + 1) * lanes):
+                    status = _voxel_status(
+                        g1, p1, m1, kk, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed,
+                        lut, hkeys, hvals, labels, state,
+                    )  # fmt: skip
+                    if status != OK:
+                        break
+                if status == OK:  # cannot happen (the failing pair's first lane fails the same test)
+                    status = BAD_GT
+                    state[POS] = w * lanes
+                    state[VALUE] = np.int64(a & low)
+            else:
+                state[POS] = w * lanes
+            break
+        for q in range(npairs):
+            if dense:
+                acc[pairs_g[q] * kcap + pairs_p[q]] += pairs_n[q]
+            else:
+                acc[pairs_g[q]] += pairs_n[q]
+                acc[kcap + pairs_p[q]] += pairs_n[q]
+                if pairs_g[q] == pairs_p[q]:
+                    acc[2 * kcap + pairs_g[q]] += pairs_n[q]
+        nmasked += nmasked_w
+        nignored += nignored_w
+        w += 1
+    if status == OK:
+        for kk in range(max(start, nwords * lanes), g1.shape[0]):
+            status = _voxel_status(
+                g1, p1, m1, kk, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, lut,
+                hkeys, hvals, labels, state,
+            )  # fmt: skip
+            if status != OK:
+                break
+            if has_mask and m1[kk] == 0:
+                nmasked += 1
+                continue
+            g = np.uint64(g1[kk])
+            if has_ignore and g == ignore:
+                nignored += 1
+                continue
+            ig = np.int64(lut[g])
+            if ig < 0:
+                ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
+            p = np.uint64(p1[kk])
+            ip = np.int64(lut[p])
+            if ip < 0:
+                ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
+            if dense:
+                acc[ig * kcap + ip] += 1
+            else:
+                acc[ig] += 1
+                acc[kcap + ip] += 1
+                if ig == ip:
+                    acc[2 * kcap + ig] += 1
+    if dense:
+        acc[run_g * kcap + run_p] += run_w
+    else:
+        acc[run_g] += run_w
+        acc[kcap + run_p] += run_w
+        if run_g == run_p:
+            acc[2 * kcap + run_g] += run_w
+    state[NIGNORED] += nignored
+    state[NMASKED] += nmasked
+    return status
+
+
+@njit(nogil=True, cache=True)
+def _voxel_status(
+    g1, p1, m1, kk, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, lut, hkeys,
+    hvals, labels, state,
+):  # fmt: skip
+    """``OK`` when voxel ``kk`` is masked, ignored or has (or is given) an index for both labels;
+    else its status, with ``state[POS]`` / ``state[VALUE]`` set (gt is checked first)."""
+    if has_mask and m1[kk] == 0:
+        return OK
+    g = np.uint64(g1[kk])
+    if has_ignore and g == ignore:
+        return OK
+    ig = np.int64(lut[g])
+    if ig < 0:
+        ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
+    if ig >= 0:
+        p = np.uint64(p1[kk])
+        ip = np.int64(lut[p])
+        if ip < 0:
+            ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
+        if ip >= 0:
+            return OK
+        state[VALUE] = np.int64(p)
+        state[POS] = kk
+        return BAD_PRED if ip == -BAD_GT else -ip
+    state[VALUE] = np.int64(g)
+    state[POS] = kk
+    return -ig
 
 
 @njit(nogil=True, cache=True)

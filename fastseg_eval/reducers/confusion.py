@@ -369,7 +369,8 @@ class ConfusionCounts:
         * labels ``0..K-1`` (``direct``), or discovery on 8-bit inputs (counted by raw value into a
           256 x 256 table, folded into the label space when read): the direct kernel, on flat
           64-bit words when the chunk is contiguous with 1- or 2-byte labels;
-        * otherwise the mapped kernel (lookup table / hash, discovery, marginals).
+        * otherwise the mapped kernel (lookup table / hash, discovery, marginals), on flat words
+          by distinct pair when the chunk is contiguous with 1- or 2-byte labels.
         """
         ignore, has_ignore = np.uint64(ignore_bits[0]), ignore_bits[1]
         has_mask = mv is not None
@@ -400,6 +401,29 @@ class ConfusionCounts:
                 status = cpu.count_direct(g3, p3, m3, has_mask, ignore, has_ignore, gl, pl, k, acc, state)
                 if status != cpu.OK:
                     self._raise_bad(status, _kernel_position(lead, g3, state, gv.ndim), gt, pred)
+            return
+        if _flat_ok(gv, pv, mv):  # every value of these types maps through the lookup table
+            g1, p1 = gv.reshape(-1), pv.reshape(-1)
+            m1 = _NO_MASK.reshape(-1) if mv is None else mv.reshape(-1)
+            nwords = (g1.size * g1.itemsize) // 8 // g1.itemsize * g1.itemsize
+            start = 0
+            while True:
+                status = cpu.count_words(
+                    g1, p1, m1, _words(g1, nwords), _words(p1, nwords),
+                    _NO_WORDS if mv is None else _words(m1, nwords // g1.itemsize),
+                    has_mask, ignore, has_ignore, np.uint64(g_signed), np.uint64(p_signed), self._fixed,
+                    self._dense, self._lut, self._hkeys, self._hvals, self._keys, self._kcap, self._acc,
+                    state, start,
+                )  # fmt: skip
+                if status == cpu.GROW_LABELS:
+                    self._grow_labels(self._kcap + 1)
+                elif status == cpu.GROW_HASH:
+                    self._grow_hash()
+                else:
+                    break
+                start = int(state[cpu.POS])
+            if status != cpu.OK:
+                self._raise_bad(status, np.unravel_index(int(state[cpu.POS]), gv.shape), gt, pred)
             return
         for (lead, g3), (_, p3), (_, m3) in _pieces(gv, pv, mv):
             start = 0
