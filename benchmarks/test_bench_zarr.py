@@ -10,6 +10,10 @@ process (so that its peak RSS is its own), all with the same number of threads:
 * ``decode-only (fastseg reader)``: the same with fastseg-eval's own chunk reader (numcodecs in
   the thread, reused buffers), i.e. the engine's reads without the counting: evaluate's time
   over this one is what counting adds;
+* ``raw codec floor``: every chunk file of both arrays read and zstd-decoded with numcodecs
+  into a reused buffer in a pool of W threads, nothing else (no zarr, no checks, no counting):
+  the floor any reader of these stores sits on. ``fastseg-eval`` and this floor also run on
+  the 512**3 pair (half the size), for the ratio at both sizes;
 * ``dask``: ``da.bincount((g.astype(np.int64) * K + p).ravel(), minlength=K*K)`` over
   ``da.from_zarr`` inputs, computed with dask's default (threaded) scheduler.
 
@@ -25,26 +29,36 @@ import pytest
 S = bd.sizes()
 N = S["zarr"]
 K = 4
-SIZE = f"{N}^3"
 WORKERS = bd.cpu_count()
 
 
-@pytest.fixture(scope="module")
-def zpair():
-    return bd.ensure_zarr_pair(bd.SegSpec((N, N, N), num_classes=K))
+HALF = N // 2
+_pairs: dict[int, dict] = {}
+
+
+def zpair_of(n: int) -> dict:
+    if n not in _pairs:
+        _pairs[n] = bd.ensure_zarr_pair(bd.SegSpec((n, n, n), num_classes=K))
+    return _pairs[n]
 
 
 CASES = [
-    ("fastseg-eval", "evaluate", dict(num_classes=K, workers=WORKERS)),
-    ("decode-only (zarr-python, same threads)", "decode", dict(workers=WORKERS)),
-    ("decode-only (fastseg chunk reader, same threads)", "decode_fast", dict(workers=WORKERS)),
-    ("dask bincount idiom", "dask", dict(num_classes=K)),
+    ("fastseg-eval", "evaluate", dict(num_classes=K, workers=WORKERS), N),
+    ("raw codec floor (numcodecs zstd, same threads)", "raw_floor", dict(workers=WORKERS), N),
+    ("decode-only (zarr-python, same threads)", "decode", dict(workers=WORKERS), N),
+    ("decode-only (fastseg chunk reader, same threads)", "decode_fast", dict(workers=WORKERS), N),
+    ("dask bincount idiom", "dask", dict(num_classes=K), N),
+    ("fastseg-eval", "evaluate", dict(num_classes=K, workers=WORKERS), HALF),
+    ("raw codec floor (numcodecs zstd, same threads)", "raw_floor", dict(workers=WORKERS), HALF),
 ]
 
 
 @pytest.mark.benchmark(group="zarr")
-@pytest.mark.parametrize("case,op,kwargs", CASES, ids=[f"{op}-{SIZE}" for _, op, _ in CASES])
-def test_zarr(benchmark, zpair, warm_kernels, case, op, kwargs):
+@pytest.mark.parametrize("case,op,kwargs,n", CASES, ids=[f"{op}-{n}^3" for _, op, _, n in CASES])
+def test_zarr(benchmark, warm_kernels, case, op, kwargs, n):
+    zpair = zpair_of(n)
+    size = f"{n}^3"
+    key = f"zarr.{op}" if n == N else f"zarr.{op}.half"
     with bd.Worker() as w:
         base = w.call("prepare")
         reply = benchmark.pedantic(
@@ -57,9 +71,9 @@ def test_zarr(benchmark, zpair, warm_kernels, case, op, kwargs):
         )
         bd.annotate(
             benchmark,
-            key=f"zarr.{op}",
+            key=key,
             case=case,
-            size=SIZE,
+            size=size,
             voxels=zpair["voxels"],
             workers=WORKERS,
             peak_rss_mib=round(w.peak_rss_mib, 1),
@@ -67,7 +81,7 @@ def test_zarr(benchmark, zpair, warm_kernels, case, op, kwargs):
             stored_mib=round(zpair["stored_bytes"] / 2**20, 1),
             chunks=zpair["chunks"],
         )
-    if op in ("decode", "decode_fast"):
+    if op in ("decode", "decode_fast", "raw_floor"):
         assert reply["bytes"] == 2 * zpair["voxels"]  # every voxel of both uint8 arrays was decoded
     else:
         np.testing.assert_array_equal(np.array(reply["cm"]), np.array(zpair["cm"]))

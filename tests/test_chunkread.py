@@ -127,9 +127,9 @@ def test_engine_reads_through_the_fast_reader(tmp_path, monkeypatch):
     calls = []
     real = chunkread.ChunkReader.read
 
-    def spy(self, region, *, reuse):
+    def spy(self, region, *, reuse, constant=False):
         calls.append(reuse)
-        return real(self, region, reuse=reuse)
+        return real(self, region, reuse=reuse, constant=constant)
 
     monkeypatch.setattr(chunkread.ChunkReader, "read", spy)
     gt = data(np.uint8, 5) % 4

@@ -127,8 +127,11 @@ class _ChunkCache:
 class _Plan:
     """Work units over the primary input's chunk grid, and how to fetch every input for a unit."""
 
-    def __init__(self, vols: list[Volume], workers: int, halo: int = 0, cache_budget: int = CACHE_BUDGET):
+    def __init__(
+        self, vols: list[Volume], workers: int, halo: int = 0, cache_budget: int = CACHE_BUDGET, constant: bool = False
+    ):
         shape = vols[0].spatial_shape
+        self.constant = constant  # unit reads may be broadcasts of a fill value (unstored chunks)
         zarrs = [v for v in vols if v.kind == "zarr"]
         if zarrs:
             primary = max(zarrs, key=lambda v: (math.prod(v.spatial_chunks), v.role == "gt"))
@@ -180,7 +183,7 @@ class _Plan:
             if vol.kind == "zarr":
                 with self.count_lock:
                     self.direct_reads[vol.role] += 1
-            return [[a] for a, _ in unit], {(0,) * len(unit): vol.read(whole, reuse=True)}
+            return [[a] for a, _ in unit], {(0,) * len(unit): vol.read(whole, reuse=True, constant=self.constant)}
         idx_ranges = [
             range(interval_index(sb[a], lo), interval_index(sb[a], hi - 1) + 1)
             for a, (lo, hi) in enumerate(unit)
@@ -192,7 +195,7 @@ class _Plan:
         if nested:
             with self.count_lock:
                 self.direct_reads[vol.role] += math.prod(len(r) for r in idx_ranges)
-            return [[a] for a, _ in unit], {(0,) * len(unit): vol.read(whole, reuse=True)}
+            return [[a] for a, _ in unit], {(0,) * len(unit): vol.read(whole, reuse=True, constant=self.constant)}
         cuts = [[max(sb[a][j], lo) for j in r] for a, (r, (lo, _)) in enumerate(zip(idx_ranges, unit))]
         data = {}
         cache = self.caches[vol.role]
@@ -301,7 +304,8 @@ def run_threads(
     """Run ``reducers`` over the inputs in a thread pool; merge their partials on success."""
     vols = [gv, pv] + ([mv] if mv is not None else [])
     halo = max((int(r.halo) for r in reducers), default=0)
-    plan = _Plan(vols, workers, halo=halo)
+    constant = all(getattr(r, "accepts_constant", False) for r in reducers)
+    plan = _Plan(vols, workers, halo=halo, constant=constant)
     n_units = plan.n_units()
     workers = max(1, min(workers, n_units))
     units = plan.units()

@@ -179,21 +179,27 @@ class ChunkReader:
             buf = self._local.buf = np.empty(self.chunks, dtype=self.dtype)
         return buf
 
-    def _decode(self, coords: tuple[int, ...], out: np.ndarray) -> None:
+    def _load(self, coords: tuple[int, ...]) -> tuple[bytes | None, str]:
+        """The chunk file's bytes (None: not stored, it reads as the fill value) and its name."""
         key = self.meta.encode_chunk_key(coords)
         path = os.path.join(self.root, *key.split("/"))
         where = f"chunk {key} ({path})"
         try:
             with open(path, "rb") as fh:
-                data = fh.read()
+                return fh.read(), where
         except FileNotFoundError:
-            out[...] = self.fill
-            return
+            return None, where
         except OSError as e:  # a directory, a symlink loop, no permission: not a chunk we can read
             raise InputError(
                 f"{self.role} ({self.source}): cannot read {where}: {e.strerror or e}. "
                 "A chunk must be a readable file; repair or remove it (a missing chunk reads as the fill value)"
             ) from e
+
+    def _decode(self, coords: tuple[int, ...], out: np.ndarray, loaded: tuple[bytes | None, str] | None = None) -> None:
+        data, where = self._load(coords) if loaded is None else loaded
+        if data is None:
+            out[...] = self.fill
+            return
         flat = out.reshape(-1).view(np.uint8)
         try:
             nbytes = decode_into(self.codec, data, flat)
@@ -210,17 +216,23 @@ class ChunkReader:
                 "match its chunks"
             )
 
-    def read(self, region: tuple[slice, ...], *, reuse: bool) -> np.ndarray:
+    def read(self, region: tuple[slice, ...], *, reuse: bool, constant: bool = False) -> np.ndarray:
         """Voxels of ``region``, whose bounds lie on the chunk grid (or the array's edge).
 
         With ``reuse``, a one-chunk region may come back as a view of this thread's buffer,
-        valid until the thread's next ``reuse`` read of this array.
+        valid until the thread's next ``reuse`` read of this array. With ``constant`` too, a
+        one-chunk region whose chunk is not stored (zarr writes no file for a chunk that holds
+        only the fill value) comes back as a read-only broadcast of the fill value (all strides
+        0): nothing is read, decoded or filled.
         """
         first = tuple(s.start // c for s, c in zip(region, self.chunks))
         last = tuple((s.stop - 1) // c for s, c in zip(region, self.chunks))
         if first == last:
+            loaded = self._load(first)
+            if loaded[0] is None and reuse and constant:
+                return np.broadcast_to(np.array(self.fill, dtype=self.dtype), tuple(s.stop - s.start for s in region))
             buf = self._buffer() if reuse else np.empty(self.chunks, dtype=self.dtype)
-            self._decode(first, buf)
+            self._decode(first, buf, loaded)
             return buf[
                 tuple(slice(s.start - i * c, s.stop - i * c) for s, i, c in zip(region, first, self.chunks))
             ]

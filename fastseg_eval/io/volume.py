@@ -92,20 +92,22 @@ class Volume:
         except Exception:  # a store that cannot be listed: say nothing rather than guess
             return None
 
-    def read(self, region: tuple[slice, ...], *, reuse: bool = False) -> np.ndarray:
+    def read(self, region: tuple[slice, ...], *, reuse: bool = False, constant: bool = False) -> np.ndarray:
         """Voxels of ``region`` (spatial) as a numpy array (a view for numpy inputs).
 
         With a channel axis, every channel is read and the channel axis is moved last. With
         ``reuse``, the result may live in a buffer the calling thread reuses for its next
-        ``reuse`` read of this volume (the engine counts a unit before reading the next).
+        ``reuse`` read of this volume (the engine counts a unit before reading the next). With
+        ``constant`` too, a region that is one chunk the store does not hold may come back as a
+        read-only broadcast of the fill value (all strides 0), read and decoded not at all.
         """
         if self.channel_axis is not None:
             ax = self.channel_axis
             full = region[:ax] + (slice(0, self.shape[ax]),) + region[ax:]
             return np.moveaxis(self._read(full, reuse), ax, -1)
-        return self._read(region, reuse)
+        return self._read(region, reuse, constant)
 
-    def _read(self, region: tuple[slice, ...], reuse: bool = False) -> np.ndarray:
+    def _read(self, region: tuple[slice, ...], reuse: bool = False, constant: bool = False) -> np.ndarray:
         if self.kind == "numpy":
             return self.array[region]
         if self.kind == "zarr":
@@ -117,7 +119,7 @@ class Volume:
                 s.start % c == 0 and (s.stop % c == 0 or s.stop == n)
                 for s, c, n in zip(region, self.array.chunks, self.shape)
             ):
-                return self._reader.read(region, reuse=reuse)
+                return self._reader.read(region, reuse=reuse, constant=constant)
         try:
             out = self.array[region]
         except InputError:  # a file reader's own message (io.formats) names the input already

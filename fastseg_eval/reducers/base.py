@@ -80,6 +80,11 @@ class Reducer(Protocol):
     halo: int
     """Voxels of context the reducer needs around each block's core (0 for counting)."""
 
+    # Optional: ``accepts_constant = True`` tells an engine that the reducer takes blocks whose
+    # arrays may be read-only broadcasts of one value (all strides 0: a chunk the store does not
+    # hold, read as its fill value without decoding). Without it (the default), blocks hold
+    # ordinary arrays.
+
     def spawn(self) -> Any:
         """An empty reducer with the same options, for one worker."""
 

@@ -222,6 +222,9 @@ class ConfusionCounts:
     # ------------------------------------------------------------------ the reducer protocol
     halo = 0
     """Counting needs no context around a block (see :mod:`fastseg_eval.reducers.base`)."""
+    accepts_constant = True
+    """Blocks of unstored chunks may come as broadcasts of the fill value: a chunk pair that is
+    one value on both sides is counted as one voxel times its size (:meth:`add_chunk`)."""
 
     def add(self, block: Block) -> None:
         """Count the core voxels of one block (rows = gt); see :meth:`add_chunk`."""
@@ -283,6 +286,15 @@ class ConfusionCounts:
         self._check_usable()
         if mask is not None and mask.shape != gt.shape:
             raise InputError(f"mask chunk shape {mask.shape} differs from gt chunk shape {gt.shape}")
+        broadcast = [a is not None and _constant(a) for a in (gt, pred, mask)]
+        if any(broadcast):  # unstored chunks, read as their fill value
+            if self._prob is None and broadcast[0] and broadcast[1] and (mask is None or broadcast[2]):
+                if gt.shape != pred.shape:
+                    raise InputError(f"gt chunk shape {gt.shape} differs from pred chunk shape {pred.shape}")
+                self._add_constant(gt, pred, mask, offset)
+                return
+            gt, pred = np.ascontiguousarray(gt), np.ascontiguousarray(pred)  # one side stored: count it
+            mask = None if mask is None else np.ascontiguousarray(mask)
         mv = None if mask is None else _mask_view(mask)
         if self._prob is not None:
             pred = self._labels_from_probabilities(gt, pred, mv, offset)
@@ -300,6 +312,63 @@ class ConfusionCounts:
             e.args = (label_message(e.role, e.value, full, *self._config),)
             self._poisoned = str(e)
             raise
+
+    def _add_constant(self, gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None, offset: Any) -> None:
+        """Count a chunk pair that holds one value on each side: its first voxel, ``size`` times.
+
+        Known labels add ``size`` to one cell; anything else (a label to discover, an invalid
+        value) is counted by the usual kernel in an empty accumulator, so that validation and
+        discovery behave exactly as voxel by voxel (an invalid value is reported at the chunk's
+        first voxel, the first in C order), whose counts are scaled by the size and merged.
+        """
+        n = gt.size
+        first = (0,) * gt.ndim
+        state = self._state
+        if mask is not None and not mask[first]:
+            state[cpu.NMASKED] += n
+            return
+        box = tuple(slice(0, 1) for _ in gt.shape)
+        gv, g_signed = label_view(gt[box], "gt")
+        pv, p_signed = label_view(pred[box], "pred")
+        g, p = int(gv.reshape(-1)[0]), int(pv.reshape(-1)[0])
+        ignore, has_ignore = ignore_bits(self.ignore_label, gt.dtype)
+        if has_ignore and g == int(ignore):
+            state[cpu.NIGNORED] += n
+            return
+        cell = None
+        if not self._fixed and gv.itemsize == 1 and pv.itemsize == 1:  # discovery: the raw 8-bit table
+            if g < (min(256, g_signed) if g_signed else 256) and p < (min(256, p_signed) if p_signed else 256):
+                if self._raw8 is None:
+                    self._raw8 = np.zeros(256 * 256, dtype=np.int64)
+                self._raw8[g * 256 + p] += n
+                return
+        elif self._direct:
+            k = self._kcap
+            if g < (min(k, g_signed) if g_signed else k) and p < (min(k, p_signed) if p_signed else k):
+                cell = (g, p)
+        elif g < cpu.LUT_SIZE and p < cpu.LUT_SIZE and self._lut[g] >= 0 and self._lut[p] >= 0:
+            cell = (int(self._lut[g]), int(self._lut[p]))
+        if cell is not None:
+            a, b = cell
+            if self._dense:
+                self._acc[a * self._kcap + b] += n
+            else:
+                parts = self._marginal_parts()
+                parts[0][a] += n
+                parts[1][b] += n
+                if a == b:
+                    parts[2][a] += n
+            return
+        one = self.spawn()
+        one.add_chunk(
+            np.ascontiguousarray(gt[box]), np.ascontiguousarray(pred[box]),
+            None if mask is None else np.ascontiguousarray(mask[box]), offset=offset,
+        )  # fmt: skip
+        one._fold()
+        one._acc *= n
+        one._state[cpu.NIGNORED] *= n
+        one._state[cpu.NMASKED] *= n
+        self.merge(one)
 
     def _labels_from_probabilities(
         self, gt: np.ndarray, prob: np.ndarray, mv: np.ndarray | None, offset: Any
@@ -718,6 +787,11 @@ def _padded_zeros(n: int) -> np.ndarray:
     """int64 zeros with a cache line of padding on each side: the small tables of two workers
     must not share a cache line (false sharing halved two-thread throughput at K=4)."""
     return np.zeros(n + 16, dtype=np.int64)[8 : 8 + n]
+
+
+def _constant(a: np.ndarray) -> bool:
+    """A broadcast of one value (every stride 0), as the engine hands unstored chunks."""
+    return a.size > 1 and not any(a.strides)
 
 
 def _flat_ok(gv: np.ndarray, pv: np.ndarray, mv: np.ndarray | None) -> bool:
