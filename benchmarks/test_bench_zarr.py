@@ -85,3 +85,42 @@ def test_zarr(benchmark, warm_kernels, case, op, kwargs, n):
         assert reply["bytes"] == 2 * zpair["voxels"]  # every voxel of both uint8 arrays was decoded
     else:
         np.testing.assert_array_equal(np.array(reply["cm"]), np.array(zpair["cm"]))
+
+
+# --------------------------------------------------------------------------- sparse stores
+SPARSE = [
+    ("fastseg-eval", "evaluate", dict(num_classes=K, workers=WORKERS)),
+    (
+        "fastseg-eval, unstored chunks filled and counted (the path before)",
+        "evaluate",
+        dict(num_classes=K, workers=WORKERS, unstored_as_fill=False),
+    ),
+    ("raw codec floor (stored chunks only)", "raw_floor", dict(workers=WORKERS)),
+]
+
+
+@pytest.mark.benchmark(group="zarr sparse")
+@pytest.mark.parametrize(
+    "case,op,kwargs", SPARSE, ids=["evaluate", "evaluate-filled", "raw_floor"]
+)
+def test_zarr_sparse(benchmark, warm_kernels, case, op, kwargs):
+    """A ``N**3`` pair whose data sits in one 256**3 corner: 8 of the chunks are stored, the
+    rest are fill value and have no file (what zarr writes for sparse label volumes)."""
+    sp = bd.ensure_sparse_zarr_pair(N)
+    assert sp["stored_chunks"] < sp["total_chunks"]
+    with bd.Worker() as w:
+        base = w.call("prepare")
+        reply = benchmark.pedantic(
+            w.call, args=(op,), kwargs=dict(pred=sp["pred"], gt=sp["gt"], **kwargs),
+            rounds=S["rounds"], iterations=1, warmup_rounds=1,
+        )  # fmt: skip
+        key = "zarr_sparse." + ("evaluate_filled" if kwargs.get("unstored_as_fill") is False else op)
+        bd.annotate(
+            benchmark, key=key, case=case, size=f"{N}^3", voxels=sp["voxels"], workers=WORKERS,
+            peak_rss_mib=round(w.peak_rss_mib, 1), baseline_rss_mib=round(base["maxrss_mib"], 1),
+            stored_chunks=f"{sp['stored_chunks']} of {sp['total_chunks']}",
+        )  # fmt: skip
+    if op == "evaluate":
+        np.testing.assert_array_equal(np.array(reply["cm"]), np.array(sp["cm"]))
+    else:
+        assert reply["bytes"] == 2 * sp["stored_chunks"] * 128**3

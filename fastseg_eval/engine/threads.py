@@ -309,12 +309,24 @@ def run_threads(
     n_units = plan.n_units()
     workers = max(1, min(workers, n_units))
     units = plan.units()
+    empty: list[Region] = []
+    if constant and halo == 0 and plan.primary.kind == "zarr":
+        # Units whose chunks the stores do not hold are counted first, in this thread: each is a
+        # few Python steps, which two threads would only take turns at (the GIL).
+        rest = []
+        for unit in units:
+            region = tuple(slice(a, b) for a, b in unit)
+            if all(v.unstored(region) for v in (plan.primary, *(v for v in vols if v is not plan.primary))):
+                empty.append(unit)
+            else:
+                rest.append(unit)
+        units = iter(rest)
     lock = threading.Lock()
     stop = threading.Event()
     crews = [[r.spawn() for r in reducers] for _ in range(workers)]
     halos = [int(r.halo) for r in reducers]
 
-    def work(crew: list[Any]) -> None:
+    def work(crew: list[Any], units: Iterator[Region]) -> None:
         while not stop.is_set():
             with lock:
                 unit = next(units, None)
@@ -326,11 +338,12 @@ def run_threads(
             if progress is not None:
                 progress(math.prod(b - a for a, b in unit))
 
+    work(crews[0], iter(empty))
     if workers == 1:
-        work(crews[0])
+        work(crews[0], units)
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="fastseg") as ex:
-            futures = [ex.submit(work, c) for c in crews]
+            futures = [ex.submit(work, c, units) for c in crews]
             try:
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             except BaseException:  # KeyboardInterrupt: let the workers finish their unit and stop

@@ -195,6 +195,14 @@ class ChunkReader:
                 "A chunk must be a readable file; repair or remove it (a missing chunk reads as the fill value)"
             ) from e
 
+    def stored(self, region: tuple[slice, ...]) -> bool:
+        """False when ``region`` is exactly one chunk and the store holds no file for it."""
+        first = tuple(s.start // c for s, c in zip(region, self.chunks))
+        if any(s.start != i * c or s.stop != min((i + 1) * c, n) for s, i, c, n in zip(region, first, self.chunks, self.shape)):
+            return True
+        key = self.meta.encode_chunk_key(first)
+        return os.path.lexists(os.path.join(self.root, *key.split("/")))
+
     def _decode(self, coords: tuple[int, ...], out: np.ndarray, loaded: tuple[bytes | None, str] | None = None) -> None:
         data, where = self._load(coords) if loaded is None else loaded
         if data is None:

@@ -92,6 +92,22 @@ class Volume:
         except Exception:  # a store that cannot be listed: say nothing rather than guess
             return None
 
+    def unstored(self, region: tuple[slice, ...]) -> bool:
+        """Whether ``region`` is one chunk of a zarr array (read by the fast reader) that the
+        store does not hold: it reads as the fill value."""
+        if self.kind != "zarr" or self.channel_axis is not None:
+            return False
+        reader = self._fast_reader()
+        return reader is not None and not reader.stored(region)
+
+    def _fast_reader(self) -> Any:
+        """The chunk reader of a zarr array (None when its layout needs zarr-python)."""
+        if self._reader is False:
+            from fastseg_eval.io.chunkread import chunk_reader
+
+            self._reader = chunk_reader(self.array, self.role, self.source)
+        return self._reader
+
     def read(self, region: tuple[slice, ...], *, reuse: bool = False, constant: bool = False) -> np.ndarray:
         """Voxels of ``region`` (spatial) as a numpy array (a view for numpy inputs).
 
@@ -111,11 +127,7 @@ class Volume:
         if self.kind == "numpy":
             return self.array[region]
         if self.kind == "zarr":
-            if self._reader is False:
-                from fastseg_eval.io.chunkread import chunk_reader
-
-                self._reader = chunk_reader(self.array, self.role, self.source)
-            if self._reader is not None and all(
+            if self._fast_reader() is not None and all(
                 s.start % c == 0 and (s.stop % c == 0 or s.stop == n)
                 for s, c, n in zip(region, self.array.chunks, self.shape)
             ):
