@@ -148,6 +148,7 @@ class ConfusionCounts:
         self._hvals = np.zeros(0, dtype=np.int32)
         self._state = _padded_zeros(cpu.STATE_SIZE)
         self._raw8: np.ndarray | None = None  # discovery on 8-bit inputs: counts by raw value
+        self._small_raw = True  # discovery: chunks so far held labels 0..3 only (bit-plane kernel)
         self._side: np.ndarray | None = None  # scratch of the flat kernel (zero between calls)
         self._alloc(kcap, dense)
         if fixed is not None:
@@ -458,6 +459,15 @@ class ConfusionCounts:
                 g1, p1 = gv.reshape(-1), pv.reshape(-1)
                 m1 = _NO_MASK.reshape(-1) if mv is None else mv.reshape(-1)
                 nwords = (g1.size * g1.itemsize) // 8 // g1.itemsize * g1.itemsize
+                small = min(k, cpu.SMALL_K) if raw else k  # discovery tries labels 0..3 first
+                if (
+                    g1.itemsize == 1 and mv is None and not has_ignore and small <= cpu.SMALL_K
+                    and (not raw or self._small_raw)
+                ):  # fmt: skip
+                    if cpu.count_small(g1, p1, _words(g1, nwords), _words(p1, nwords), small, k, acc):
+                        return
+                    if raw:  # labels past 3: stop trying on this accumulator's chunks
+                        self._small_raw = False
                 status = cpu.count_direct_flat(
                     g1, p1, m1, _words(g1, nwords), _words(p1, nwords),
                     _NO_WORDS if mv is None else _words(m1, nwords // g1.itemsize),
