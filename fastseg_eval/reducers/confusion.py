@@ -20,7 +20,7 @@ Two storage modes:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -485,40 +485,26 @@ class ConfusionCounts:
             g1, p1 = gv.reshape(-1), pv.reshape(-1)
             m1 = _NO_MASK.reshape(-1) if mv is None else mv.reshape(-1)
             nwords = (g1.size * g1.itemsize) // 8 // g1.itemsize * g1.itemsize
-            start = 0
-            while True:
-                status = cpu.count_words(
-                    g1, p1, m1, _words(g1, nwords), _words(p1, nwords),
-                    _NO_WORDS if mv is None else _words(m1, nwords // g1.itemsize),
-                    has_mask, ignore, has_ignore, np.uint64(g_signed), np.uint64(p_signed), self._fixed,
-                    self._dense, self._lut, self._hkeys, self._hvals, self._keys, self._kcap, self._acc,
-                    state, start,
+            mw = _NO_WORDS if mv is None else _words(m1, nwords // g1.itemsize)
+            words = _words(g1, nwords), _words(p1, nwords), mw
+            status = self._growing(
+                lambda start: cpu.count_words(
+                    g1, p1, m1, *words, has_mask, ignore, has_ignore, np.uint64(g_signed), np.uint64(p_signed),
+                    self._fixed, self._dense, self._lut, self._hkeys, self._hvals, self._keys, self._kcap,
+                    self._acc, state, start,
                 )  # fmt: skip
-                if status == cpu.GROW_LABELS:
-                    self._grow_labels(self._kcap + 1)
-                elif status == cpu.GROW_HASH:
-                    self._grow_hash()
-                else:
-                    break
-                start = int(state[cpu.POS])
+            )
             if status != cpu.OK:
                 self._raise_bad(status, np.unravel_index(int(state[cpu.POS]), gv.shape), gt, pred)
             return
         for (lead, g3), (_, p3), (_, m3) in _pieces(gv, pv, mv):
-            start = 0
-            while True:
-                status = cpu.count_mapped(
+            status = self._growing(
+                lambda start, g3=g3, p3=p3, m3=m3: cpu.count_mapped(
                     g3, p3, m3, has_mask, ignore, has_ignore, np.uint64(g_signed), np.uint64(p_signed),
                     self._fixed, self._dense, self._lut, self._hkeys, self._hvals, self._keys, self._acc,
                     state, start,
                 )  # fmt: skip
-                if status == cpu.GROW_LABELS:
-                    self._grow_labels(self._kcap + 1)
-                elif status == cpu.GROW_HASH:
-                    self._grow_hash()
-                else:
-                    break
-                start = int(state[cpu.POS])
+            )
             if status != cpu.OK:
                 self._raise_bad(status, _kernel_position(lead, g3, state, gv.ndim), gt, pred)
 
@@ -530,6 +516,20 @@ class ConfusionCounts:
         if side is None or side.shape[1] != acc.size:
             side = self._side = _padded_zeros(2 * acc.size).reshape(2, acc.size)
         return side
+
+    def _growing(self, count: Callable[[int], int]) -> int:
+        """Run a mapped kernel (``count(start)``) over a chunk, growing the label tables and
+        resuming at ``state[POS]`` whenever it stops for room; its final status."""
+        start = 0
+        while True:
+            status = count(start)
+            if status == cpu.GROW_LABELS:
+                self._grow_labels(self._kcap + 1)
+            elif status == cpu.GROW_HASH:
+                self._grow_hash()
+            else:
+                return status
+            start = int(self._state[cpu.POS])
 
     def _raise_bad(self, status: int, position: Any, gt: np.ndarray, pred: np.ndarray) -> None:
         role = "gt" if status == cpu.BAD_GT else "pred"
