@@ -266,6 +266,95 @@ def test_kernel_grows_and_resumes_from_a_tiny_table(monkeypatch):
     assert_table(r.table(), gt, pred, mask, int(gt[0, 0, 0]))
 
 
+@pytest.mark.parametrize("n2", [1, 2, 8, 63, 64, 65, 66, 127, 128, 129, 200, 1000])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_rows_of_any_length_and_runs_across_rows(n2, with_mask):
+    """Segment flags are computed in blocks of 64 with an overlapping last block: rows around
+    those sizes, long runs that cross row and plane ends, flags at the very first and last voxels."""
+    rng = np.random.default_rng(n2)
+    shape = (3, 4, n2)
+    flat = np.repeat(rng.integers(0, 4, size=max(1, 3 * 4 * n2 // 37 + 1)), 37)[: 3 * 4 * n2]
+    gt = flat.reshape(shape).astype(np.uint64) * np.uint64(2**62)
+    pred = np.roll(flat, 5).reshape(shape).astype(np.uint64)
+    pred[..., 0] += np.uint64(1)  # a segment of one voxel at every row start
+    gt[..., -1] = np.uint64(TOP)  # and at every row end
+    mask = rng.random(shape) < 0.7 if with_mask else None
+    assert_table(fse.contingency(pred, gt, mask=mask, workers=1), gt, pred, mask)
+
+
+def test_ids_0_and_2_64_minus_1_side_by_side():
+    """No id is a sentinel: 0 and 2**64 - 1 next to each other, alone and in runs, as gt and pred,
+    and 2**64 - 1 as the ignore label."""
+    row = np.array([0, TOP, TOP, 0, 0, TOP, 0] * 20, dtype=np.uint64)
+    gt = np.stack([row, row[::-1], np.roll(row, 1)])[None]
+    pred = np.stack([row[::-1], row, row])[None]
+    assert_table(fse.contingency(pred, gt, workers=1), gt, pred)
+    assert_table(fse.contingency(pred, gt, ignore_label=TOP, workers=1), gt, pred, ignore=TOP)
+    ct = fse.contingency(np.full((2, 70), TOP, np.uint64), np.zeros((2, 70), np.uint64))
+    assert (ct.gt_ids.tolist(), ct.pred_ids.tolist(), ct.counts.tolist()) == ([0], [TOP], [140])
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_table_grows_in_the_middle_of_long_rows(monkeypatch, with_mask):
+    """A tiny table fills many times within one row of 300 voxels: each stop resumes mid-row."""
+    from fastseg_eval.reducers import contingency as C
+
+    monkeypatch.setattr(C, "_INITIAL_CAP", 2)
+    rng = np.random.default_rng(8)
+    gt = np.repeat(rng.integers(0, 300, size=(2, 3, 100)), 3, axis=2).astype(np.uint64)
+    pred = rng.integers(0, 3, size=gt.shape).astype(np.uint16)
+    mask = rng.random(gt.shape) < 0.8 if with_mask else None
+    r = ContingencyCounts()
+    r.add_chunk(gt, pred, mask)
+    assert r.nbytes >= 3 * 8 * 2 * r.n_entries
+    assert_table(r.table(), gt, pred, mask)
+
+
+def test_first_negative_value_in_c_order_after_long_runs():
+    gt = np.zeros((2, 3, 150), dtype=np.int32)
+    pred = np.zeros((2, 3, 150), dtype=np.int32)
+    pred[1, 2, 140:] = -7  # later in C order, a run
+    pred[1, 1, 97] = -5  # first, alone in a long row
+    with pytest.raises(LabelError, match=r"pred has label -5 at voxel \(1, 1, 97\)"):
+        fse.contingency(pred, gt, workers=1)
+
+
+@pytest.mark.parametrize("high", [1, 3, 2**16, 2**31, 2**32, 2**63, 2**64 - 1])
+def test_pair_order_equals_lexsort(high):
+    """The radix sort of the finished table against np.lexsort (stable, any id range)."""
+    from fastseg_eval.kernels.pairs import pair_order
+
+    rng = np.random.default_rng(high % 1000)
+    for n in (0, 1, 2, 1000, 5000):
+        g = rng.integers(0, high, size=n, dtype=np.uint64, endpoint=True)
+        p = rng.integers(0, high, size=n, dtype=np.uint64, endpoint=True)
+        if n > 10:
+            g[: n // 2] = g[n // 2 : 2 * (n // 2)]  # equal gt ids and equal pairs
+            p[: n // 4] = p[n // 2 : n // 2 + n // 4]
+        np.testing.assert_array_equal(pair_order(g, p), np.lexsort((p, g)))
+
+
+def test_merge_into_an_empty_reducer_shares_the_table_until_a_write():
+    """Merging a partial into an empty reducer takes its table without copying; a later write to
+    either side must not show in the other."""
+    rng = np.random.default_rng(21)
+    gt, pred = instance_pair((4, 5, 70), 6, 12, rng)
+    a = ContingencyCounts()
+    a.add_chunk(gt[:2], pred[:2])
+    merged = ContingencyCounts().merge(a)
+    assert merged.table() == a.table()
+    a.add_chunk(gt[2:], pred[2:])  # the partial goes on: the merged copy does not change
+    assert_table(merged.table(), gt[:2], pred[:2])
+    merged.add_chunk(gt[2:3], pred[2:3])
+    assert_table(a.table(), gt, pred)
+    assert_table(merged.table(), gt[:3], pred[:3])
+    b = ContingencyCounts()
+    b.add_chunk(gt, pred)
+    both = ContingencyCounts().merge(b).merge(a)  # the second merge writes into the shared table
+    assert_table(b.table(), gt, pred)
+    assert both.table() == b.table() + a.table()
+
+
 def test_negative_ids_are_refused_with_the_position():
     gt = np.zeros((3, 4, 5), dtype=np.int16)
     pred = np.zeros((3, 4, 5), dtype=np.int64)
