@@ -56,6 +56,7 @@ from fastseg_eval.report.dataset import (
     FailedCase,
     build_dataset_result,
     encode_float,
+    instance_record,
     parse_regions,
     region_key,
 )
@@ -76,8 +77,10 @@ METRIC_OPTIONS = ("metrics", "tversky_alpha", "tversky_beta", "smooth", "empty",
 """Options applied to the counts when the report is built (a journal holds counts, so they may change)."""
 NOT_PER_DATASET = {
     "thresholds": "a threshold sweep (--sweep) per dataset",
-    "instances": "instance metrics (--instances) per dataset",
 }
+INSTANCE_OPTIONS = ("iou_threshold", "connectivity", "background_label")
+"""evaluate() options that change a case's instance metrics (kept per case in the journal when
+``instances=True``)."""
 BOUNDARY_OPTIONS = ("spacing", "surface", "hd_percentile", "nsd_tolerance", "empty_distance", "background_label")
 """evaluate() options that change the distance metrics a journal keeps per case (when some are asked)."""
 
@@ -470,6 +473,7 @@ def _run_case(spec: CaseSpec, kwargs: Mapping[str, Any], workers: int, progress:
         pv.source = "(no prediction: all background)"
     else:
         pv = open_volume(spec.pred, "pred", key=pred_key, level=kw.get("level"), storage_options=kw.get("storage_options"))
+    per_gt = bool(kw.pop("instances_per_gt", False))
     res = api.evaluate(pv, gv, mask=spec.mask, workers=workers, progress=progress or False, **kw)
     inputs = {}
     for role, v in (("pred", pv), ("gt", gv)):
@@ -494,6 +498,7 @@ def _run_case(spec: CaseSpec, kwargs: Mapping[str, Any], workers: int, progress:
         "inputs": inputs,
         "warnings": [_warning_text(w) for w in res.warnings],
         **({"boundary": boundary} if boundary else {}),
+        **({"instances": instance_record(res.instances, per_gt)} if res.instances is not None else {}),
         "stamp": _stamps(spec),
     }
     return json.loads(json.dumps(record, sort_keys=True, allow_nan=False))  # exactly what a journal line gives back
@@ -636,6 +641,7 @@ def evaluate_dataset(
     resume: str | os.PathLike[str] | None = None,
     on_error: str = "stop",
     label_names: Mapping[int, str] | None = None,
+    instances_per_gt: bool = False,
     **evaluate_options: Any,
 ) -> DatasetResult:
     """Evaluate a dataset of cases: per-case results, statistics over cases, the pooled result.
@@ -676,10 +682,20 @@ def evaluate_dataset(
         ``failed_cases`` while the others go on.
     label_names : mapping, optional
         Names shown beside labels.
+    instances_per_gt : bool
+        With ``instances=True``: also keep each case's per-instance table (``per_gt``: one row per
+        ground-truth instance) in its result, journal line and JSON record. Off by default: the
+        dataset report needs only each case's figures, and a case may have millions of instances.
     **evaluate_options
         Options of :func:`fastseg_eval.evaluate` applied to every case: ``num_classes``,
         ``labels``, ``ignore_label``, ``mask`` (a folder of masks matched by case id, or one
         mask), ``metrics``, ``empty``, ``background_label``, ``geometry_check``, ``pred_key``, ...
+        ``instances=True`` (with ``iou_threshold``, ``connectivity``) computes each case's
+        instance metrics as :func:`~fastseg_eval.evaluate` does (``per_case[i].instances``) and
+        adds ``ds.instances``: per figure the statistics over cases, and a detection summary
+        pooled over the dataset (TP, FP, FN summed over cases; SQ = the matched IoUs summed
+        over all cases / TP; RQ = TP / (TP + FP/2 + FN/2); PQ = SQ x RQ, as panoptic
+        evaluation pools a dataset).
 
     Returns
     -------
@@ -729,6 +745,17 @@ def evaluate_dataset(
     if bnames:  # the journal keeps their per-case values: they must be computed the same way
         fingerprint["boundary_metrics"] = bnames
         fingerprint.update({k: _jsonish(evaluate_options.get(k)) for k in BOUNDARY_OPTIONS})
+    if not isinstance(instances_per_gt, (bool, np.bool_)):
+        raise OptionError(f"instances_per_gt must be True or False, got {instances_per_gt!r}")
+    if evaluate_options.get("instances"):  # the journal keeps each case's instance figures
+        defaults = inspect.signature(api.evaluate).parameters
+        inst_opts = {k: _jsonish(kwargs.get(k, defaults[k].default)) for k in INSTANCE_OPTIONS}
+        inst_opts["per_gt"] = bool(instances_per_gt)
+        fingerprint["instances"] = inst_opts
+        if instances_per_gt:
+            kwargs["instances_per_gt"] = True
+    elif instances_per_gt:
+        raise OptionError("instances_per_gt=True keeps the per-instance tables of instances=True: turn that on too")
 
     records: dict[str, dict[str, Any]] = {}
     if resume is not None:
@@ -805,6 +832,12 @@ def evaluate_dataset(
         "on_error": on_error,
         **{k: _jsonish(v) for k, v in metric_options.items() if k != "per_class_limit"},
     }
+    if "instances" in fingerprint:
+        fi = fingerprint["instances"]
+        options.update(
+            instances=True, iou_threshold=fi["iou_threshold"], connectivity=fi["connectivity"],
+            instances_per_gt=fi["per_gt"],
+        )  # fmt: skip
     ds = build_dataset_result(
         list(records.values()),
         labels=_fixed_labels(evaluate_options),

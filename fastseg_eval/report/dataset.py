@@ -16,7 +16,12 @@ here, so a run resumed from a journal of counts gives the same bytes as one that
 * :attr:`DatasetResult.pooled`: the metrics of the summed counts (voxel-pooled). Large cases
   weigh more there; it is **not** the mean over cases that challenge tables and nnU-Net report;
 * :meth:`DatasetResult.to_nnunet_summary`: nnU-Net v2's ``summary.json``, with nnU-Net's own
-  definitions (see the method).
+  definitions (see the method);
+* :attr:`DatasetResult.instances` (``instances=True``): each case's instance figures travel in
+  its record (journal form, :func:`instance_record`); over cases, the same statistics per
+  figure, and a detection summary pooled over the dataset as panoptic evaluation pools one
+  (:func:`instance_summary`). The JSON report has them (``instances``, and per case); the CSV,
+  one row per case x label, has no place for them.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 
 from fastseg_eval._version import __version__
 from fastseg_eval.metrics import formulas as M
+from fastseg_eval.metrics.instances import SUMMARY_KEYS as INSTANCE_KEYS
 from fastseg_eval.report.result import (
     COUNT_KEYS,
     EvaluationResult,
@@ -395,6 +401,74 @@ def _mean_of_means(agg: Mapping[Any, Any], keys: Sequence[Any], metrics: Sequenc
     return out
 
 
+# ------------------------------------------------------------------------------------ instances
+INSTANCE_COUNTS = ("n_gt", "n_pred", "tp", "fp", "fn")
+INSTANCE_SETTINGS = ("iou_threshold", "matching", "n_pairs", "background", "connectivity")
+
+
+def instance_record(inst: Mapping[str, Any], per_gt: bool = False) -> dict[str, Any]:
+    """One case's ``instances`` (from :func:`fastseg_eval.evaluate`) in journal form: the figures
+    (None for NaN), ``iou_sum`` (the IoUs of the matched pairs summed, for the pooled SQ), the
+    matching's settings, and the per-instance rows when ``per_gt``."""
+    rec: dict[str, Any] = {
+        k: int(inst[k]) if k in INSTANCE_COUNTS else encode_float(inst[k]) for k in INSTANCE_KEYS
+    }
+    rows = inst.get("per_gt") or []
+    ious = rows.column("iou").tolist() if hasattr(rows, "column") else [r["iou"] for r in rows]
+    rec["iou_sum"] = math.fsum(ious)  # unmatched instances have IoU 0
+    for k in INSTANCE_SETTINGS:
+        if k in inst:
+            rec[k] = inst[k]
+    if per_gt:
+        rec["per_gt"] = [dict(r) for r in rows]
+    return rec
+
+
+def case_instances(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """A journal record's instance figures back as ``EvaluationResult.instances`` has them."""
+    out: dict[str, Any] = {
+        k: int(rec[k]) if k in INSTANCE_COUNTS else decode_float(rec[k]) for k in INSTANCE_KEYS
+    }
+    out.update({k: rec[k] for k in INSTANCE_SETTINGS if k in rec})
+    if "per_gt" in rec:
+        out["per_gt"] = [dict(r) for r in rec["per_gt"]]
+    return out
+
+
+def instance_summary(recs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Instance metrics over the cases that have them.
+
+    ``aggregate``: per figure, ``{"mean", "std", "median", "min", "max", "n"}`` over cases (NaN
+    skipped, as for labels). ``pooled``: one detection summary for the dataset, as panoptic
+    evaluation pools one (COCO panoptic, Kirillov et al.): TP, FP, FN (and ``n_gt``,
+    ``n_pred``) summed over cases; precision = TP / (TP + FP), recall = TP / (TP + FN),
+    F1 = RQ = TP / (TP + FP/2 + FN/2); SQ = the IoUs of every matched pair of every case,
+    summed, / TP; PQ = SQ x RQ. No match anywhere: SQ = PQ = 0 (NaN when no case has an instance).
+    """
+    agg = {
+        k: _stats(np.asarray([decode_float(r[k]) if r[k] is not None else math.nan for r in recs], dtype=np.float64))
+        for k in INSTANCE_KEYS
+    }
+    tot = {k: sum(int(r[k]) for r in recs) for k in INSTANCE_COUNTS}
+    tp, fp, fn = tot["tp"], tot["fp"], tot["fn"]
+    nan = math.nan
+    iou_sum = math.fsum(float(r["iou_sum"]) for r in recs)
+    pooled: dict[str, Any] = dict(tot)
+    pooled["precision"] = tp / (tp + fp) if tp + fp else nan
+    pooled["recall"] = tp / (tp + fn) if tp + fn else nan
+    f1 = tp / (tp + fp / 2 + fn / 2) if tp + fp + fn else nan
+    pooled["f1"] = f1
+    if tot["n_gt"] + tot["n_pred"] == 0:
+        sq = rq = pq = nan
+    elif tp == 0:
+        sq, rq, pq = 0.0, 0.0, 0.0
+    else:
+        sq, rq = iou_sum / tp, f1
+        pq = sq * rq
+    pooled.update(pq=pq, sq=sq, rq=rq, iou_sum=iou_sum)
+    return {"n_cases": len(recs), "aggregate": agg, "pooled": pooled}
+
+
 @dataclass
 class FailedCase:
     """A case that could not be evaluated (``on_error="skip"``): its id, inputs and the message."""
@@ -432,6 +506,9 @@ class DatasetResult:
     failed_cases: list[FailedCase] = field(default_factory=list)
     missing_cases: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    instances: dict[str, Any] | None = None
+    """With ``instances=True``: ``{"n_cases", "aggregate": {figure: stats over cases}, "pooled":
+    {...}}`` (see :func:`instance_summary`); None otherwise."""
     timing: dict[str, Any] = field(default_factory=dict)
     """Wall time, cases resumed from the journal, workers: shown on stderr, never in the reports
     (reports are byte-identical between an interrupted-and-resumed run and an uninterrupted one)."""
@@ -477,6 +554,7 @@ class DatasetResult:
                 "mean": self.mean,
                 "foreground_mean": self.foreground_mean,
                 "pooled": _case_dict(self.pooled, pooled=True),
+                **({"instances": self.instances} if self.instances is not None else {}),
                 "per_case": [_case_dict(c) for c in self.per_case],
                 "failed_cases": [f.to_dict() for f in self.failed_cases],
                 "missing_cases": self.missing_cases,
@@ -597,6 +675,8 @@ def _case_dict(c: CaseResult, pooled: bool = False) -> dict[str, Any]:
         d["inputs"] = full.get("inputs", {})
     d.update({k: full[k] for k in keep if k in full})
     d["regions"] = jsonable(c.regions)
+    if not pooled and c.instances is not None:  # figures; per_gt only when it was kept
+        d["instances"] = jsonable(dict(c.instances))
     if not pooled:
         d["warnings"] = [str(w) for w in c.warnings]
     return d
@@ -689,7 +769,14 @@ def build_dataset_result(
         pooled_counts, labels, regions, case="(pooled)", pred_source="", gt_source="", metric_options=opts,
         warnings_=(),
     )  # fmt: skip
+    inst_recs = [r.get("instances") for r in records]
+    inst = None
+    if any(x is not None for x in inst_recs):
+        for c, x in zip(per_case, inst_recs):
+            c.instances = case_instances(x) if x is not None else None
+        inst = instance_summary([x for x in inst_recs if x is not None])
     return DatasetResult(
+        instances=inst,
         per_case=per_case,
         aggregate=agg,
         pooled=pooled,
@@ -767,6 +854,13 @@ def format_dataset_table(
         "voxel-pooled (summed counts, not a mean over cases): "
         + ", ".join(f"{c} {_num(pooled.get(c))}" for c in cols)
     )
+    if ds.instances is not None:
+        ia, ip = ds.instances["aggregate"], ds.instances["pooled"]
+        lines.append("")
+        lines.append(bold(f"instances ({ds.instances['n_cases']} cases){'':<4}" + "mean ± std over cases    pooled"))
+        for k in ("pq", "sq", "rq", "f1", "precision", "recall"):
+            lines.append(f"  {k:<20}{_pm(ia[k]):>22}    {_num(ip.get(k))}")
+        lines.append(f"  tp / fp / fn (summed): {ip['tp']} / {ip['fp']} / {ip['fn']}")
     worst = ds.worst_cases(WORST_CASES, "dice") if "dice" in ds.metrics else []
     if worst:
         lines.append("")
