@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument(
         "--instances-csv", metavar="FILE",
-        help="write the per-instance table (id, matched_id, iou, dice, size: every gt instance) as CSV",
+        help="write the per-instance table (id, matched_id, iou, dice, size: every gt instance) as CSV "
+        "(datasets: every case's rows, with a leading case column)",
     )  # fmt: skip
 
     g = p.add_argument_group("compute")
@@ -597,12 +598,7 @@ def _check_plot_backend(args: argparse.Namespace) -> None:
 
 def _check_output_paths(args: argparse.Namespace) -> None:
     """Problems with output paths, found before a possibly long run."""
-    if args.save_matrix and _suffix(args.save_matrix) not in MATRIX_EXTENSIONS:
-        raise UsageError(f"--save-matrix {args.save_matrix}: the name must end in .npy or .csv")
-    if args.plot and _suffix(args.plot) not in PLOT_EXTENSIONS:
-        raise UsageError(f"--plot {args.plot}: the name must end in {', '.join(PLOT_EXTENSIONS)}")
-    if args.instances_csv and _suffix(args.instances_csv) != ".csv":
-        raise UsageError(f"--instances-csv {args.instances_csv}: the name must end in .csv")
+    _check_suffixes(args)
     from fastseg_eval.io.outputs import check_outputs
 
     # never into an input store, never two outputs on one file (OutputPathError: exit 2)
@@ -856,15 +852,22 @@ def _dataset_mode(args: argparse.Namespace) -> bool:
     return False
 
 
+def _check_suffixes(args: argparse.Namespace) -> None:
+    """Output files whose format comes from their suffix must have one that names a format."""
+    if args.save_matrix and _suffix(args.save_matrix) not in MATRIX_EXTENSIONS:
+        raise UsageError(f"--save-matrix {args.save_matrix}: the name must end in .npy or .csv")
+    if args.plot and _suffix(args.plot) not in PLOT_EXTENSIONS:
+        raise UsageError(f"--plot {args.plot}: the name must end in {', '.join(PLOT_EXTENSIONS)}")
+    if args.instances_csv and _suffix(args.instances_csv) != ".csv":
+        raise UsageError(f"--instances-csv {args.instances_csv}: the name must end in .csv")
+
+
 def _check_dataset_outputs(args: argparse.Namespace, specs: Sequence[Any]) -> list[tuple[str, str | None]]:
     """Outputs never onto a case (or into a zarr case), never among the cases of an input folder."""
     from fastseg_eval.io.formats import file_format
     from fastseg_eval.io.outputs import OutputPathError, check_outputs
 
-    if args.save_matrix and _suffix(args.save_matrix) not in MATRIX_EXTENSIONS:
-        raise UsageError(f"--save-matrix {args.save_matrix}: the name must end in .npy or .csv")
-    if args.plot and _suffix(args.plot) not in PLOT_EXTENSIONS:
-        raise UsageError(f"--plot {args.plot}: the name must end in {', '.join(PLOT_EXTENSIONS)}")
+    _check_suffixes(args)
     outputs = [*_output_paths(args), ("--nnunet-summary", args.nnunet_summary), ("--resume", args.resume)]
     inputs: dict[str, Any] = {"cases manifest": args.cases}
     for sp in specs:
@@ -911,8 +914,6 @@ def _run_dataset(args: argparse.Namespace) -> int:
 
     if args.sweep:
         raise UsageError("--sweep is not available for datasets yet; evaluate the cases one by one")
-    if args.instances_csv:
-        raise UsageError("--instances-csv writes the instances of one pair; evaluate the cases one by one")
     fmt = _output_format(args)
     names = resolve_metrics(args.metrics) if args.metrics else None
     specs, _, _ = resolve_cases(args.pred, args.gt, cases=args.cases, missing=args.missing, mask=args.mask)
@@ -920,6 +921,8 @@ def _run_dataset(args: argparse.Namespace) -> int:
     kwargs = evaluate_kwargs(args, names)
     for k in ("workers", "scheduler", "label_names", "thresholds"):
         kwargs.pop(k, None)
+    if args.instances_csv:  # every case's per-instance rows, kept for the CSV
+        kwargs["instances_per_gt"] = True
     ds = evaluate_dataset(
         args.pred, args.gt, cases=args.cases, missing=args.missing, regions=args.regions, workers=args.workers,
         scheduler=args.scheduler, progress=_dataset_progress(args), resume=args.resume, on_error=args.on_error,
@@ -953,6 +956,10 @@ def _run_dataset(args: argparse.Namespace) -> int:
         atomic_write(args.nnunet_summary, write, what="--nnunet-summary")
     if args.save_matrix:
         save_matrix(ds.pooled, args.save_matrix)
+    if args.instances_csv:
+        from fastseg_eval.io.outputs import write_text
+
+        write_text(args.instances_csv, ds.instances_csv(), what="--instances-csv")
     if args.plot:
         from fastseg_eval.report.plot import plot_result
 

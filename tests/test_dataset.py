@@ -829,17 +829,41 @@ def test_instances_resume_and_per_gt(tmp_path, monkeypatch):
         fse.evaluate_dataset(pd, gd, instances_per_gt=True)
 
 
-def test_instances_of_semantic_masks_with_connected_components():
-    """connectivity= in dataset mode: each case's classes cut into connected components, as evaluate() does.
-
-    (Arrays: with NIfTI files, evaluate(connectivity=...) itself fails today, cc3d refusing the
-    read-only decoded volume; see io/components.py.)"""
+@pytest.mark.parametrize("source", ["arrays", "nifti"])
+def test_instances_of_semantic_masks_with_connected_components(tmp_path, source):
+    """connectivity= in dataset mode: each case's classes cut into connected components, as evaluate() does
+    (NIfTI volumes come back read-only from the reader: labelling must not need to write into them)."""
     pytest.importorskip("cc3d")
     cases = make_cases(3, seed=32)
     cases = [((p > 1).astype(np.uint8) * p, (g > 1).astype(np.uint8) * g) for p, g in cases]
-    ds = fse.evaluate_dataset([p for p, _ in cases], [g for _, g in cases], instances=True, connectivity=6, workers=1)
+    if source == "nifti":
+        pd, gd, _ = write_nifti_dataset(tmp_path, cases)
+        preds, gts = sorted(str(f) for f in Path(pd).iterdir()), sorted(str(f) for f in Path(gd).iterdir())
+    else:
+        preds, gts = [p for p, _ in cases], [g for _, g in cases]
+    ds = fse.evaluate_dataset(preds, gts, instances=True, connectivity=6, workers=1)
     for (p, g), c in zip(cases, ds.per_case):
         one = fse.evaluate(p, g, instances=True, connectivity=6).instances
         assert all(c.instances[k] == one[k] or math.isnan(one[k]) for k in INSTANCE_FIGURES)
         assert c.instances["connectivity"] == 6
     assert ds.instances["pooled"]["tp"] == sum(c.instances["tp"] for c in ds.per_case)
+
+
+def test_cli_instances_csv_over_cases(tmp_path):
+    """``fastseg-eval PRED_DIR GT_DIR --instances --instances-csv F``: every case's per-instance rows,
+    with a leading case column, equal to the single-pair tables."""
+    cases = make_instance_cases()
+    pd, gd, _ = write_nifti_dataset(tmp_path, cases)
+    out = tmp_path / "inst.csv"
+    r = run_cli(pd, gd, "--instances", "--instances-csv", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    with out.open() as fh:
+        rows = list(csv.DictReader(fh))
+    names = sorted(f.name[: -len(".nii.gz")] for f in Path(pd).iterdir())
+    want = []
+    for n in names:
+        res = fse.evaluate(os.path.join(pd, f"{n}.nii.gz"), os.path.join(gd, f"{n}.nii.gz"), instances=True)
+        want += [{"case": n, **row} for row in csv.DictReader(io.StringIO(res.to_csv(table="instances")))]
+    assert rows == want and len(rows) > 0
+    bad = run_cli(pd, gd, "--instances-csv", str(tmp_path / "inst.txt"))
+    assert bad.returncode == 2 and "must end in .csv" in bad.stderr

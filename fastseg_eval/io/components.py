@@ -117,8 +117,8 @@ def label_components(
             "classes cannot be labelled into components"
         )
     # cc3d leaves 0 unlabelled: classes as 1 + value, 0 where dropped (a copy only when needed)
-    if background == 0 and ignored is None and a.dtype.kind == "u":
-        classes_in = a
+    if background == 0 and ignored is None and a.dtype.kind == "u" and a.flags.writeable:
+        classes_in = a  # cc3d takes a writeable buffer (a decoded file may come read-only)
     else:
         wide = np.uint64 if a.dtype.itemsize >= 4 else np.uint32
         classes_in = a.astype(wide) + wide(1)

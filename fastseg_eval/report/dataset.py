@@ -598,6 +598,29 @@ class DatasetResult:
             _write_atomic(path, text)
         return text
 
+    def instances_csv(self, path: str | None = None) -> str:
+        """Every case's per-ground-truth-instance table (``instances_per_gt=True``), one CSV with a
+        leading ``case`` column (the columns of :meth:`EvaluationResult.to_csv` ``table="instances"``)."""
+        header: list[str] | None = None
+        rows: list[str] = []
+        for c in self.per_case:
+            inst = c.instances
+            if inst is None or "per_gt" not in inst:
+                from fastseg_eval.errors import OptionError
+
+                raise OptionError(
+                    "no per-instance tables in this dataset result: evaluate with instances=True, instances_per_gt=True"
+                )
+            lines = c.to_csv(table="instances").splitlines()
+            header = header or lines[0]
+            quoted = io.StringIO()
+            csv.writer(quoted, lineterminator="").writerow([c.case])
+            rows += [f"{quoted.getvalue()},{line}" for line in lines[1:]]
+        text = "" if header is None else "\n".join([f"case,{header}", *rows]) + "\n"
+        if path is not None:
+            _write_atomic(path, text)
+        return text
+
     # -------------------------------------------------------------- nnU-Net v2 summary.json
     def nnunet_summary(self) -> dict[str, Any]:
         """nnU-Net v2's ``summary.json`` content, computed as its ``compute_metrics_on_folder`` does.
