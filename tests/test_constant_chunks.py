@@ -139,3 +139,12 @@ def test_dask_engine_agrees(tmp_path):
     a = fse.evaluate(p, g, num_classes=4, workers=2)
     b = fse.evaluate(p, g, num_classes=4, scheduler="synchronous")  # the dask graph engine
     np.testing.assert_array_equal(a.confusion_matrix, b.confusion_matrix)
+
+
+def test_negative_fill_whose_bits_are_a_label(tmp_path):
+    """int16 fill -1 with num_classes=65536: its bits are label 65535's, it is still refused."""
+    gt, pred = _pair(np.int16, fill=-1)
+    pred[pred == -1] = 0
+    g, p = _store(tmp_path / "gt.zarr", gt, -1), _store(tmp_path / "pred.zarr", pred, 0)
+    with pytest.raises(LabelError, match="negative"):
+        fse.evaluate(p, g, num_classes=65536, workers=1)

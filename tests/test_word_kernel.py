@@ -154,3 +154,20 @@ def test_ignored_and_masked_lanes_inside_mixed_words():
     _check(acc, gt, pred, mask, 301)
     assert acc.n_ignored == int(((gt == 301) & (mask == 1)).sum())
     assert acc.n_masked == int((mask == 0).sum())
+
+
+@pytest.mark.parametrize("layout", ["C", "F"])  # the word kernel, and the per-voxel mapped kernel
+@pytest.mark.parametrize("space", [dict(num_classes=65536), dict(labels=[0, 2, 65535]), dict()])
+@pytest.mark.parametrize("role", ["gt", "pred"])
+def test_negative_values_whose_bits_are_a_known_label(layout, space, role):
+    """int16 -1 has the bits of 65535, a label of these spaces (or one discovered from uint16 data
+    before): it is still a negative value, refused at its voxel, never counted as 65535."""
+    gt = np.zeros((3, 4, 10), np.int16)
+    pred = np.zeros_like(gt)
+    (gt if role == "gt" else pred)[1, 2, 7] = -1
+    acc = fse.ConfusionMatrix(**space)
+    if not space:
+        acc.update(np.full(8, 65535, np.uint16), np.full(8, 65535, np.uint16))
+    with pytest.raises(LabelError) as e:
+        acc.update(np.asarray(pred, order=layout), np.asarray(gt, order=layout))
+    assert e.value.role == role and int(e.value.value) == -1 and tuple(e.value.position) == (1, 2, 7)

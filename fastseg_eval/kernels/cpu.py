@@ -249,10 +249,12 @@ def _assign(v, signed_from, fixed, lut, hkeys, hvals, labels, state):
     ``-BAD_GT`` (the caller tells gt from pred) when ``v`` may not be a label, ``-GROW_LABELS``
     / ``-GROW_HASH`` when a table is full.
     """
+    if signed_from != 0 and v >= signed_from:  # negative, even where its bits are a known label
+        return np.int64(-BAD_GT)
     idx = lookup_label(v, lut, hkeys, hvals)
     if idx >= 0:
         return idx
-    if fixed or (signed_from != 0 and v >= signed_from):
+    if fixed:
         return np.int64(-BAD_GT)
     nlab = state[NLAB]
     if nlab >= labels.shape[0]:
@@ -296,6 +298,7 @@ def count_mapped(
     j0 = (start % plane) // n2
     kstart = start % n2
     cache = np.full(4, -1, dtype=np.int64)
+    glim, plim = _limits(gt_signed_from, pred_signed_from, False, 0)
     for i in range(i0, n0):
         for j in range(j0 if i == i0 else 0, n1):
             g_row = gt[i, j]
@@ -320,14 +323,14 @@ def count_mapped(
                     if has_ignore and g == ignore:
                         nignored += w
                         continue
-                    ig = _index(g, lut, hkeys, hvals, cache, 0)
+                    ig = _index(g, lut, hkeys, hvals, cache, 0) if g < glim else np.int64(-1)
                     if ig < 0:
                         ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
                         if ig < 0:
                             status = -ig
                             state[VALUE] = np.int64(g)
                     p = np.uint64(p_row[kk])
-                    ip = _index(p, lut, hkeys, hvals, cache, 2) if status == OK else np.int64(0)
+                    ip = (_index(p, lut, hkeys, hvals, cache, 2) if p < plim else np.int64(-1)) if status == OK else np.int64(0)
                     if ip < 0:
                         ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
                         if ip < 0:
@@ -385,9 +388,23 @@ def _mask_lanes(word, w, size):
 
 
 @njit(nogil=True, cache=True)
+def _limits(gt_signed_from, pred_signed_from, identity, kcap):
+    """Values below these may be looked up (gt, pred): a signed input's negative values never
+    are (their bits may equal a known label), and with ``identity`` (labels ``0..kcap-1``, their
+    own indices) nothing past ``kcap-1``. Values at or past a limit go to :func:`_assign`."""
+    top = ~np.uint64(0)
+    glim = gt_signed_from if gt_signed_from != 0 else top
+    plim = pred_signed_from if pred_signed_from != 0 else top
+    if identity:
+        glim = min(glim, np.uint64(kcap))
+        plim = min(plim, np.uint64(kcap))
+    return glim, plim
+
+
+@njit(nogil=True, cache=True)
 def count_words(
     g1, p1, m1, gw, pw, mw, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed,
-    dense, lut, hkeys, hvals, labels, kcap, acc, state, start,
+    identity, dense, lut, hkeys, hvals, labels, kcap, acc, state, start,
 ):  # fmt: skip
     """:func:`count_mapped` for C-contiguous 1-D chunks of 1- or 2-byte labels, one 64-bit word
     (8 or 4 voxels) at a time: label values map through ``lut`` (every value of these types is
@@ -405,6 +422,7 @@ def count_words(
     """
     size = g1.itemsize
     lanes = 8 // size
+    glim, plim = _limits(gt_signed_from, pred_signed_from, identity, kcap)
     width = np.uint64(64 - 8 * size)
     top = np.uint64(8 * size - 1)
     low = _LOW[size]
@@ -449,12 +467,12 @@ def count_words(
             elif has_ignore and g == ignore:
                 nignored += lanes
             else:
-                ig = np.int64(lut[g])
+                ig = (np.int64(g) if identity else np.int64(lut[g])) if g < glim else np.int64(-1)
                 if ig < 0:
                     ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
                 ip = np.int64(0)
                 if ig >= 0:
-                    ip = np.int64(lut[p])
+                    ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
                     if ip < 0:
                         ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
                 if ig < 0 or ip < 0:
@@ -500,12 +518,12 @@ def count_words(
             if has_ignore and g == ignore:
                 nignored_w += n
                 continue
-            ig = np.int64(lut[g])
+            ig = (np.int64(g) if identity else np.int64(lut[g])) if g < glim else np.int64(-1)
             if ig < 0:
                 ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
             ip = np.int64(0)
             if ig >= 0:
-                ip = np.int64(lut[p])
+                ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
                 if ip < 0:
                     ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
             if ig < 0 or ip < 0:
@@ -521,7 +539,7 @@ def count_words(
                 for kk in range(w * lanes, (w + 1) * lanes):
                     status = _voxel_status(
                         g1, p1, m1, kk, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed,
-                        lut, hkeys, hvals, labels, state,
+                        identity, glim, plim, lut, hkeys, hvals, labels, state,
                     )  # fmt: skip
                     if status != OK:
                         break
@@ -546,8 +564,8 @@ def count_words(
     if status == OK:
         for kk in range(max(start, nwords * lanes), g1.shape[0]):
             status = _voxel_status(
-                g1, p1, m1, kk, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, lut,
-                hkeys, hvals, labels, state,
+                g1, p1, m1, kk, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, identity,
+                glim, plim, lut, hkeys, hvals, labels, state,
             )  # fmt: skip
             if status != OK:
                 break
@@ -558,11 +576,11 @@ def count_words(
             if has_ignore and g == ignore:
                 nignored += 1
                 continue
-            ig = np.int64(lut[g])
+            ig = (np.int64(g) if identity else np.int64(lut[g])) if g < glim else np.int64(-1)
             if ig < 0:
                 ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
             p = np.uint64(p1[kk])
-            ip = np.int64(lut[p])
+            ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
             if ip < 0:
                 ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
             if dense:
@@ -586,8 +604,8 @@ def count_words(
 
 @njit(nogil=True, cache=True)
 def _voxel_status(
-    g1, p1, m1, kk, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, lut, hkeys,
-    hvals, labels, state,
+    g1, p1, m1, kk, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, identity, glim,
+    plim, lut, hkeys, hvals, labels, state,
 ):  # fmt: skip
     """``OK`` when voxel ``kk`` is masked, ignored or has (or is given) an index for both labels;
     else its status, with ``state[POS]`` / ``state[VALUE]`` set (gt is checked first)."""
@@ -596,12 +614,12 @@ def _voxel_status(
     g = np.uint64(g1[kk])
     if has_ignore and g == ignore:
         return OK
-    ig = np.int64(lut[g])
+    ig = (np.int64(g) if identity else np.int64(lut[g])) if g < glim else np.int64(-1)
     if ig < 0:
         ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
     if ig >= 0:
         p = np.uint64(p1[kk])
-        ip = np.int64(lut[p])
+        ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
         if ip < 0:
             ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
         if ip >= 0:

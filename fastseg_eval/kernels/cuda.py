@@ -263,10 +263,11 @@ def count_pairs_kernel(
             ip = np.int64(pv) if pv < p_limit else np.int64(-2)
         else:
             ig = _lookup_label(gv, lut, hkeys, hvals)
-            if ig < 0 and (fixed or (g_signed_from != _ZERO64 and gv >= g_signed_from)):
+            # negative values are invalid even where their bits equal a known label
+            if (ig < 0 and fixed) or (g_signed_from != _ZERO64 and gv >= g_signed_from):
                 ig = np.int64(-2)
             ip = _lookup_label(pv, lut, hkeys, hvals)
-            if ip < 0 and (fixed or (p_signed_from != _ZERO64 and pv >= p_signed_from)):
+            if (ip < 0 and fixed) or (p_signed_from != _ZERO64 and pv >= p_signed_from):
                 ip = np.int64(-2)
         if ig == -2 or ip == -2:  # invalid: remember the first one (C order, gt first)
             code = np.uint64(i) * _TWO64 + (_ZERO64 if ig == -2 else _ONE64)

@@ -137,7 +137,8 @@ class ConfusionCounts:
         fixed = fixed_labels(num_classes, labels, self.ignore_label)
         self._fixed = fixed is not None
         nfixed = 0 if fixed is None else len(fixed)
-        self._direct = fixed is not None and nfixed <= self.dense_max and is_range(fixed)
+        self._identity = fixed is not None and is_range(fixed)  # labels 0..K-1: values are indices
+        self._direct = self._identity and nfixed <= self.dense_max
         if self._fixed:
             kcap, dense = nfixed, nfixed <= self.dense_max
         else:
@@ -347,7 +348,10 @@ class ConfusionCounts:
             k = self._kcap
             if g < (min(k, g_signed) if g_signed else k) and p < (min(k, p_signed) if p_signed else k):
                 cell = (g, p)
-        elif g < cpu.LUT_SIZE and p < cpu.LUT_SIZE and self._lut[g] >= 0 and self._lut[p] >= 0:
+        elif (
+            g < cpu.LUT_SIZE and p < cpu.LUT_SIZE and self._lut[g] >= 0 and self._lut[p] >= 0
+            and not (g_signed and g >= g_signed) and not (p_signed and p >= p_signed)  # never a negative value
+        ):  # fmt: skip
             cell = (int(self._lut[g]), int(self._lut[p]))
         if cell is not None:
             a, b = cell
@@ -490,7 +494,7 @@ class ConfusionCounts:
             status = self._growing(
                 lambda start: cpu.count_words(
                     g1, p1, m1, *words, has_mask, ignore, has_ignore, np.uint64(g_signed), np.uint64(p_signed),
-                    self._fixed, self._dense, self._lut, self._hkeys, self._hvals, self._keys, self._kcap,
+                    self._fixed, self._identity, self._dense, self._lut, self._hkeys, self._hvals, self._keys, self._kcap,
                     self._acc, state, start,
                 )  # fmt: skip
             )

@@ -309,6 +309,8 @@ def _both_raise(gt, pred, mask=None, *, chunks=None, **space):
     [
         ("uint8", {"num_classes": 3}, 7),
         ("int16", {"num_classes": 3}, -4),
+        ("int16", {"num_classes": 65536}, -1),  # -1's bits are label 65535 of the table: still refused
+        ("int16", {"labels": [0, 2, 65535]}, -1),
         ("int64", {}, -(2**40)),
         ("int8", {}, -1),
         ("uint32", {"labels": [5, 0, 2]}, 3),
