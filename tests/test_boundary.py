@@ -372,6 +372,190 @@ def test_blob_predicted_200_voxels_away_in_a_chunked_512_cube(tmp_path):
     assert res.options["boundary_far_points"] > 0
 
 
+# ======================================================== far step, kernels and partials (issue 14)
+@pytest.fixture
+def tiny_far_cache(monkeypatch):
+    """The far step keeps at most one decoded chunk: every tile's rim is decoded again."""
+    from fastseg_eval.reducers import surface
+
+    monkeypatch.setattr(surface, "_CHUNK_CACHE", 1)
+
+
+@pytest.mark.parametrize("surface", ["deepmind", "monai"])
+def test_far_step_across_small_tiles_and_an_evicting_cache(tmp_path, surface, short_reach, tiny_far_cache):
+    """Far points whose candidate cells straddle many small chunks (tiles), read back through a
+    cache too small to keep a neighbour, with thick anisotropic voxels: still the library's numbers."""
+    rng = np.random.default_rng(21)
+    gt = blobs((37, 41, 33), 4, rng, cell=8, fg=0.35)
+    pred = perturb(gt, rng, 4)
+    pred[2:7, 30:38, 3:9] = 2  # a false positive, likely far from any 2
+    write_zarr(tmp_path / "pred.zarr", pred, (7, 9, 8))
+    write_zarr(tmp_path / "gt.zarr", gt, (9, 7, 10))
+    sp = (3.0, 0.7, 0.9)
+    res = fse.evaluate(str(tmp_path / "pred.zarr"), str(tmp_path / "gt.zarr"), metrics=",".join(NAMES),
+                       spacing=sp, surface=surface, workers=2)  # fmt: skip
+    assert res.options["boundary_far_points"] > 100
+    assert check_against_reference(res, pred, gt, surface, sp) == 3
+
+
+def _brute_corners(win: np.ndarray, skip: tuple[int, ...]) -> set[tuple[int, int, int, int, int]]:
+    """(z, y, x, label, code) of every surface corner, from the definition (numpy, padded with -1)."""
+    pad = np.pad(win.astype(np.int64), 1, constant_values=-1)
+    out = set()
+    for z, y, x in np.ndindex(*(n + 1 for n in win.shape)):
+        cube = pad[z : z + 2, y : y + 2, x : x + 2].ravel()  # voxel (c-1+i, c-1+j, c-1+k) at 4i + 2j + k
+        if np.all(cube == cube[0]):
+            continue
+        for v in set(cube.tolist()) - {-1, *skip}:
+            code = sum(1 << (7 - b) for b in range(8) if cube[b] == v)
+            out.add((z, y, x, v, code))
+    return out
+
+
+def _kernel_points(kernel_out, table) -> set[tuple[int, int, int, int, int]]:
+    n, zyx, lab, code = kernel_out
+    return {(*map(int, zyx[i]), int(table[lab[i]]), int(code[i])) for i in range(n)}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint32, np.int64])
+def test_corner_kernel_matches_the_definition(dtype):
+    """The row-scan corner kernel (branch-free scan, scalar fast path, general path at the window's
+    edges) against a brute-force reading of DeepMind's neighbourhood codes; boxes give the same points."""
+    from fastseg_eval.kernels import surface as K
+
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        shape = tuple(int(v) for v in rng.integers(1, 12, 3))
+        win = rng.integers(0, int(rng.integers(1, 5)), shape).astype(dtype)
+        if trial % 2:
+            win = np.repeat(win, 2, axis=int(rng.integers(0, 3)))  # runs along an axis
+        skip = (0,) if trial % 3 else ()
+        n = np.array(win.shape, np.int64)
+        cap = 8 * int(np.prod(n + 1)) + 8
+        bufs = [np.empty((cap, 3), np.int32), np.empty(cap, np.int32), np.empty(cap, np.uint8), np.empty(cap, np.bool_)]
+        table, ntab = np.zeros(64, np.int64), np.zeros(1, np.int64)
+        zero = np.zeros(3, np.int64)
+        m = K.corner_surface(win, zero, n + 1, zero, n + 1, np.array(skip, np.int64), table, ntab, *bufs)
+        got = _kernel_points((m, bufs[0], bufs[1], bufs[2]), table)
+        assert got == _brute_corners(win, skip) and m == len(got), trial
+        assert bufs[3][:m].all()  # every point owned
+        # two boxes splitting the corners along z: the same points
+        cut = int(rng.integers(0, n[0] + 2))
+        boxes = np.array([[0, 0, 0, cut, n[1] + 1, n[2] + 1], [cut, 0, 0, n[0] + 1, n[1] + 1, n[2] + 1]], np.int64)
+        ntab[0] = 0
+        m2 = K.surface_in_boxes(win, True, boxes, np.array(skip, np.int64), table, ntab, *bufs)
+        assert _kernel_points((m2, bufs[0], bufs[1], bufs[2]), table) == got and m2 == m
+
+
+def test_far_bounds_and_wanted_cells_against_brute_force():
+    """The shell search gives the least over occupied cells of the largest point distance, and the
+    wanted cells are exactly the occupied ones with a point within that bound."""
+    from fastseg_eval.kernels import surface as K
+
+    rng = np.random.default_rng(9)
+    cell, npts = 3, np.array([20, 17, 23], np.int64)
+    grid = -(-npts // cell)
+    ncell = int(np.prod(grid))
+    spacing = np.array([1.7, 0.6, 1.1])
+    occ = np.zeros((2, -(-ncell // 8)), np.uint8)
+    dense = rng.random((2, ncell)) < np.array([[0.02], [0.3]])
+    dense[0, 5] = True
+    for r in range(2):
+        occ[r] = np.packbits(dense[r], bitorder="little")[: occ.shape[1]]
+    pts = np.stack([rng.integers(0, n, 60) for n in npts], axis=1).astype(np.int64)
+    row = rng.integers(0, 2, 60).astype(np.int64)
+    bound = np.empty(60)
+    K.far_bounds(pts, row, occ, grid, cell, npts, spacing, bound)
+    wanted = np.zeros_like(occ)
+    K.want_cells(pts, row, bound, occ, grid, cell, npts, spacing, wanted)
+    cz, cy, cx = np.unravel_index(np.arange(ncell), tuple(grid))
+    lo = np.stack([cz, cy, cx], axis=1) * cell
+    hi = np.minimum(lo + cell, npts) - 1
+    for i in range(60):
+        p = pts[i]
+        far = np.maximum(np.abs(p - lo), np.abs(p - hi)) * spacing
+        gap = np.maximum(np.maximum(lo - p, p - hi), 0) * spacing
+        dmax = np.sqrt((far * far).sum(axis=1))
+        dmin = np.sqrt((gap * gap).sum(axis=1))
+        occupied = dense[row[i]]
+        assert bound[i] == pytest.approx(dmax[occupied].min(), rel=1e-12)
+        got = np.unpackbits(wanted[row[i]], bitorder="little")[:ncell].astype(bool)
+        assert not np.any(occupied & (dmin <= bound[i]) & ~got)  # never a needed cell missed
+    # and nothing beyond: rebuilt per point, the union is the set of points' own sets
+    need = np.zeros((2, ncell), bool)
+    for i in range(60):
+        p = pts[i]
+        gap = np.maximum(np.maximum(lo - p, p - (np.minimum(lo + cell, npts) - 1)), 0) * spacing
+        need[row[i]] |= dense[row[i]] & (np.sqrt((gap * gap).sum(axis=1)) <= bound[i])
+    for r in range(2):
+        assert np.array_equal(np.unpackbits(wanted[r], bitorder="little")[:ncell].astype(bool), need[r])
+
+
+def _blocks(gt: np.ndarray, pred: np.ndarray, core: int, halo: int):
+    from fastseg_eval.reducers.base import Block
+
+    shape = gt.shape
+    for origin in np.ndindex(*(-(-n // core) for n in shape)):
+        u = [(o * core, min((o + 1) * core, n)) for o, n in zip(origin, shape)]
+        grown = [(max(0, a - halo), min(n, b + halo)) for (a, b), n in zip(u, shape)]
+        reg = tuple(slice(a, b) for a, b in grown)
+        yield Block(gt=gt[reg].copy(), pred=pred[reg].copy(), mask=None, origin=tuple(a for a, _ in u),
+                    core=tuple(slice(a - g, b - g) for (a, b), (g, _) in zip(u, grown)), shape=shape, halo=halo)  # fmt: skip
+
+
+def test_partials_merge_exactly_in_any_grouping_and_pickle():
+    """Per-worker partials (distance x surfel-code counts, occupancy bits, far points) merged in any
+    grouping and order, through pickle as dask / distributed send them, give identical state and
+    identical finished distances."""
+    import pickle
+
+    from fastseg_eval.reducers.surface import SurfaceDistances, finish_distances
+
+    rng = np.random.default_rng(4)
+    gt = blobs((30, 34, 26), 4, rng, cell=7, fg=0.4)
+    pred = perturb(gt, rng, 4)
+    pred[1:5, 1:5, 20:25] = 1
+    base = SurfaceDistances("corners", (1.2, 0.9, 1.0), (0,), reach=3)
+    blocks = list(_blocks(gt, pred, 11, base.halo))
+    assert len(blocks) > 8
+
+    def run(groups):
+        top = base.spawn()
+        for g in groups:
+            w = base.spawn()
+            for i in g:
+                w.add(blocks[i])
+            top.merge(pickle.loads(pickle.dumps(w.finish())))
+        return top
+
+    one = run([range(len(blocks))])
+    perm = rng.permutation(len(blocks))
+    many = run([perm[i::3] for i in range(3)][::-1])
+    assert one.far_count() == many.far_count() > 0
+    assert set(one.labels) == set(many.labels) == {1, 2, 3}
+    for lab in one.labels:
+        a, b = one.labels[lab], many.labels[lab]
+        assert np.array_equal(a.hist, b.hist) and np.array_equal(a.cells, b.cells)
+        assert np.array_equal(a.npoints, b.npoints)
+        for d in (0, 1):
+            fa, fb = ([(tuple(p), int(c)) for pts, codes in x.far[d] for p, c in zip(pts.tolist(), codes)] for x in (a, b))
+            assert sorted(fa) == sorted(fb)
+
+    class Vol:
+        def __init__(self, a):
+            self.a = a
+
+        def read(self, region):
+            return self.a[region]
+
+    fa = finish_distances(one, Vol(gt), Vol(pred), workers=1)
+    fb = finish_distances(many, Vol(gt), Vol(pred), workers=3)
+    for lab in fa:
+        for x, y in zip(fa[lab], fb[lab]):
+            assert np.array_equal(x.distance, y.distance) and np.array_equal(x.count, y.count)
+            assert np.array_equal(x.code, y.code)
+
+
 # ============================================================================ spacing and options
 def test_spacing_from_an_ome_zarr_scale(tmp_path):
     import zarr

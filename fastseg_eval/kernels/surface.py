@@ -97,42 +97,9 @@ def voxel_surface(win, lo, hi, own_lo, own_hi, skip, table, ntab, out_zyx, out_l
     ``[own_lo, own_hi)``. Returns the number of points; -1 when ``table`` is full, -2 when the
     outputs are (call again with larger ones).
     """
-    nz, ny, nx = win.shape
-    cap = out_lab.shape[0]
     cache = np.array([-2, -1], np.int64)
-    n = 0
-    for z in range(lo[0], hi[0]):
-        zin = 0 < z < nz - 1
-        for y in range(lo[1], hi[1]):
-            inner = zin and 0 < y < ny - 1
-            own_zy = own_lo[0] <= z < own_hi[0] and own_lo[1] <= y < own_hi[1]
-            for x in range(lo[2], hi[2]):
-                w = win[z, y, x]
-                if inner and 0 < x < nx - 1:
-                    if (
-                        win[z, y, x - 1] == w and win[z, y, x + 1] == w and win[z, y - 1, x] == w
-                        and win[z, y + 1, x] == w and win[z - 1, y, x] == w and win[z + 1, y, x] == w
-                    ):  # fmt: skip
-                        continue
-                else:
-                    surf = (
-                        z == 0 or z == nz - 1 or y == 0 or y == ny - 1 or x == 0 or x == nx - 1
-                        or win[z - 1, y, x] != w or win[z + 1, y, x] != w
-                        or win[z, y - 1, x] != w or win[z, y + 1, x] != w
-                        or win[z, y, x - 1] != w or win[z, y, x + 1] != w
-                    )  # fmt: skip
-                    if not surf:
-                        continue
-                v = np.int64(w)
-                if _skipped(v, skip):
-                    continue
-                if n >= cap:
-                    return -2
-                own = own_zy and own_lo[2] <= x < own_hi[2]
-                if not _emit(v, z, y, x, 0, own, table, ntab, out_zyx, out_lab, out_code, out_own, n, cache):
-                    return -1
-                n += 1
-    return n
+    return _voxel_box(win, lo[0], lo[1], lo[2], hi[0], hi[1], hi[2], own_lo, own_hi, skip, table, ntab, out_zyx,
+                      out_lab, out_code, out_own, 0, cache)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -143,7 +110,7 @@ def _vox(win, z, y, x):
     return np.int64(win[z, y, x])
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True)
 def _corner_points(win, z, y, x, own, skip, table, ntab, out_zyx, out_lab, out_code, out_own, n, cache, labs):
     """The points of one mixed corner (one per label among its 8 voxels); returns the new count,
     -1 (table full) or -2 (outputs full)."""
@@ -198,6 +165,123 @@ def _corner_points(win, z, y, x, own, skip, table, ntab, out_zyx, out_lab, out_c
     return n
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _mixed_row(r0, r1, r2, r3, xs, xe, flag):
+    """``flag[x]`` for ``xs <= x < xe`` (``xs >= 1``): the 8 voxels of corner ``x`` between rows
+    ``r0 .. r3`` (columns ``x - 1`` and ``x``) are not all equal. Branch-free over slices indexed
+    from 0 (no negative-index wraparound to rule out), so it vectorises."""
+    m = xe - xs
+    a0, a1, a2, a3 = r0[xs:xe], r1[xs:xe], r2[xs:xe], r3[xs:xe]
+    b0, b1, b2, b3 = r0[xs - 1 : xe - 1], r1[xs - 1 : xe - 1], r2[xs - 1 : xe - 1], r3[xs - 1 : xe - 1]
+    f = flag[xs:xe]
+    for k in range(m):
+        a = a0[k]
+        b = b0[k]
+        f[k] = (a != a1[k]) | (a != a2[k]) | (a != a3[k]) | (a != b) | (b != b1[k]) | (b != b2[k]) | (b != b3[k])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pick(i, v0, v1, v2, v3, v4, v5, v6, v7):
+    if i < 4:
+        return v0 if i == 0 else (v1 if i == 1 else (v2 if i == 2 else v3))
+    return v4 if i == 4 else (v5 if i == 5 else (v6 if i == 6 else v7))
+
+
+@njit(nogil=True, cache=True)
+def _corner_row(r0, r1, r2, r3, z, y, xs, xe, own_zy, ox0, ox1, skip, table, ntab, out_zyx, out_lab, out_code,
+                out_own, n, cache, flag):  # fmt: skip
+    """Corners ``xs .. xe - 1`` (``xs >= 1``) of one row whose four voxel rows ``r0 .. r3`` (``z-1, z``
+    times ``y-1, y``) hold every voxel they see: a branch-free scan (:func:`_mixed_row`), then each
+    mixed corner takes its 8 voxels as scalars and emits one point per label among them."""
+    _mixed_row(r0, r1, r2, r3, xs, xe, flag)
+    cap = out_lab.shape[0]
+    cv, ci = cache[0], cache[1]  # the last label value and its index (labels come in runs)
+    for x in range(xs, xe):
+        if not flag[x]:
+            continue
+        own = own_zy and ox0 <= x < ox1
+        v0, v1, v2, v3 = r0[x - 1], r0[x], r1[x - 1], r1[x]
+        v4, v5, v6, v7 = r2[x - 1], r2[x], r3[x - 1], r3[x]
+        done = 0
+        for i in range(8):
+            if (done >> i) & 1:
+                continue
+            w = _pick(i, v0, v1, v2, v3, v4, v5, v6, v7)
+            code = (
+                (np.int64(v0 == w) << 7) | (np.int64(v1 == w) << 6) | (np.int64(v2 == w) << 5)
+                | (np.int64(v3 == w) << 4) | (np.int64(v4 == w) << 3) | (np.int64(v5 == w) << 2)
+                | (np.int64(v6 == w) << 1) | np.int64(v7 == w)
+            )  # fmt: skip
+            for j in range(i, 8):
+                done |= ((code >> (7 - j)) & 1) << j
+            v = np.int64(w)
+            if _skipped(v, skip):
+                continue
+            if n >= cap:
+                return -2
+            if v != cv:
+                li = _label_index(v, table, ntab)
+                if li < 0:
+                    return -1
+                cv, ci = v, li
+                cache[0], cache[1] = cv, ci
+            out_zyx[n, 0] = z
+            out_zyx[n, 1] = y
+            out_zyx[n, 2] = x
+            out_lab[n] = ci
+            out_code[n] = code
+            out_own[n] = own
+            n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _corner_box(win, lo0, lo1, lo2, hi0, hi1, hi2, own_lo, own_hi, skip, table, ntab, out_zyx, out_lab, out_code,
+                out_own, n, cache, labs, flag):  # fmt: skip
+    """The points of corners ``[lo, hi)`` appended from ``n``; returns the new count (or -1 / -2).
+
+    Rows whose four voxel rows lie in ``win`` go through :func:`_corner_row`; corners on the
+    window's edge take the general path (:func:`_corner_points`).
+    """
+    nz, ny, nx = win.shape
+    for z in range(lo0, hi0):
+        for y in range(lo1, hi1):
+            own_zy = own_lo[0] <= z < own_hi[0] and own_lo[1] <= y < own_hi[1]
+            if 1 <= z < nz and 1 <= y < ny and max(lo2, 1) < min(hi2, nx):
+                xs, xe = max(lo2, 1), min(hi2, nx)
+            else:
+                xs, xe = hi2, hi2
+            if xs > lo2:  # corners on the window's low x edge (or the whole row)
+                n = _corner_edges(win, z, y, lo2, xs, own_zy, own_lo[2], own_hi[2], skip, table, ntab, out_zyx,
+                                  out_lab, out_code, out_own, n, cache, labs)  # fmt: skip
+                if n < 0:
+                    return n
+            if xs < xe:
+                n = _corner_row(win[z - 1, y - 1], win[z - 1, y], win[z, y - 1], win[z, y], z, y, xs, xe, own_zy,
+                                own_lo[2], own_hi[2], skip, table, ntab, out_zyx, out_lab, out_code, out_own, n,
+                                cache, flag)  # fmt: skip
+                if n < 0:
+                    return n
+            if xe < hi2:  # the high x edge
+                n = _corner_edges(win, z, y, xe, hi2, own_zy, own_lo[2], own_hi[2], skip, table, ntab, out_zyx,
+                                  out_lab, out_code, out_own, n, cache, labs)  # fmt: skip
+                if n < 0:
+                    return n
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _corner_edges(win, z, y, xs, xe, own_zy, ox0, ox1, skip, table, ntab, out_zyx, out_lab, out_code, out_own, n,
+                  cache, labs):  # fmt: skip
+    """Corners ``xs .. xe - 1`` of one row by the general path (window edges)."""
+    for x in range(xs, xe):
+        own = own_zy and ox0 <= x < ox1
+        n = _corner_points(win, z, y, x, own, skip, table, ntab, out_zyx, out_lab, out_code, out_own, n, cache, labs)
+        if n < 0:
+            return n
+    return n
+
+
 @njit(nogil=True, cache=True)
 def corner_surface(win, lo, hi, own_lo, own_hi, skip, table, ntab, out_zyx, out_lab, out_code, out_own):
     """Surface corners of every label for corners ``lo .. hi - 1`` (corner coordinates, per axis).
@@ -211,32 +295,71 @@ def corner_surface(win, lo, hi, own_lo, own_hi, skip, table, ntab, out_zyx, out_
     Fast path: along a row of corners, the 4 voxels of each column ``x`` (rows ``z-1, z`` times
     ``y-1, y``) are compared once; a corner is uniform when its two columns are uniform and equal.
     """
-    nz, ny, nx = win.shape
     labs = np.empty(8, np.int64)
     cache = np.array([-2, -1], np.int64)
-    n = 0
-    for z in range(lo[0], hi[0]):
-        for y in range(lo[1], hi[1]):
+    flag = np.empty(win.shape[2] + 1, np.bool_)
+    return _corner_box(win, lo[0], lo[1], lo[2], hi[0], hi[1], hi[2], own_lo, own_hi, skip, table, ntab, out_zyx,
+                       out_lab, out_code, out_own, 0, cache, labs, flag)  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _voxel_box(win, lo0, lo1, lo2, hi0, hi1, hi2, own_lo, own_hi, skip, table, ntab, out_zyx, out_lab, out_code,
+               out_own, n, cache):  # fmt: skip
+    nz, ny, nx = win.shape
+    cap = out_lab.shape[0]
+    for z in range(lo0, hi0):
+        zin = 0 < z < nz - 1
+        for y in range(lo1, hi1):
+            inner = zin and 0 < y < ny - 1
             own_zy = own_lo[0] <= z < own_hi[0] and own_lo[1] <= y < own_hi[1]
-            rows_in = 1 <= z < nz and 1 <= y < ny
-            prev_uniform = False
-            prev_value = win[0, 0, 0]
-            for x in range(lo[2], hi[2]):
-                if rows_in and x < nx:
-                    a = win[z - 1, y - 1, x]
-                    cur_uniform = a == win[z - 1, y, x] and a == win[z, y - 1, x] and a == win[z, y, x]
-                    if cur_uniform and prev_uniform and a == prev_value and x >= 1:
-                        continue  # all 8 voxels equal: no surface
-                    prev_uniform = cur_uniform
-                    prev_value = a
+            for x in range(lo2, hi2):
+                w = win[z, y, x]
+                if inner and 0 < x < nx - 1:
+                    if (
+                        win[z, y, x - 1] == w and win[z, y, x + 1] == w and win[z, y - 1, x] == w
+                        and win[z, y + 1, x] == w and win[z - 1, y, x] == w and win[z + 1, y, x] == w
+                    ):  # fmt: skip
+                        continue
                 else:
-                    prev_uniform = False
+                    surf = (
+                        z == 0 or z == nz - 1 or y == 0 or y == ny - 1 or x == 0 or x == nx - 1
+                        or win[z - 1, y, x] != w or win[z + 1, y, x] != w
+                        or win[z, y - 1, x] != w or win[z, y + 1, x] != w
+                        or win[z, y, x - 1] != w or win[z, y, x + 1] != w
+                    )  # fmt: skip
+                    if not surf:
+                        continue
+                v = np.int64(w)
+                if _skipped(v, skip):
+                    continue
+                if n >= cap:
+                    return -2
                 own = own_zy and own_lo[2] <= x < own_hi[2]
-                n = _corner_points(
-                    win, z, y, x, own, skip, table, ntab, out_zyx, out_lab, out_code, out_own, n, cache, labs
-                )
-                if n < 0:
-                    return n
+                if not _emit(v, z, y, x, 0, own, table, ntab, out_zyx, out_lab, out_code, out_own, n, cache):
+                    return -1
+                n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def surface_in_boxes(win, corners, boxes, skip, table, ntab, out_zyx, out_lab, out_code, out_own):
+    """Surface points (corners when ``corners``, else voxels) of every label inside each box
+    ``boxes[i] = (z0, y0, x0, z1, y1, x1)`` (window coordinates, half open; boxes do not overlap).
+    Outputs and return value as in :func:`voxel_surface` (``out_own`` is set for every point)."""
+    labs = np.empty(8, np.int64)
+    cache = np.array([-2, -1], np.int64)
+    flag = np.empty(win.shape[2] + 1, np.bool_)
+    n = 0
+    for i in range(boxes.shape[0]):
+        b = boxes[i]
+        if corners:
+            n = _corner_box(win, b[0], b[1], b[2], b[3], b[4], b[5], b[:3], b[3:], skip, table, ntab, out_zyx,
+                            out_lab, out_code, out_own, n, cache, labs, flag)  # fmt: skip
+        else:
+            n = _voxel_box(win, b[0], b[1], b[2], b[3], b[4], b[5], b[:3], b[3:], skip, table, ntab, out_zyx,
+                           out_lab, out_code, out_own, n, cache)  # fmt: skip
+        if n < 0:
+            return n
     return n
 
 
@@ -274,6 +397,10 @@ def nearest_marked(bitmap, zyx, idx, offsets, offset_dist, out):
     nz, ny, nx = bitmap.shape
     noff = offsets.shape[0]
     reach = np.zeros(3, np.int64)
+    flat = bitmap.reshape(-1)
+    flat_off = np.empty(noff, np.int64)
+    for j in range(noff):
+        flat_off[j] = (np.int64(offsets[j, 0]) * ny + np.int64(offsets[j, 1])) * nx + np.int64(offsets[j, 2])
     for j in range(noff):
         for a in range(3):
             r = abs(np.int64(offsets[j, a]))
@@ -289,9 +416,10 @@ def nearest_marked(bitmap, zyx, idx, offsets, offset_dist, out):
             and x - reach[2] >= 0 and x + reach[2] < nx
         )  # fmt: skip
         found = -1
-        if inside:
+        if inside:  # flat offsets, unsigned: no negative-index wraparound in the hot loop
+            base = (z * ny + y) * nx + x
             for j in range(noff):
-                if bitmap[z + offsets[j, 0], y + offsets[j, 1], x + offsets[j, 2]]:
+                if flat[np.uint64(base + flat_off[j])]:
                     found = offset_dist[j]
                     break
         else:
@@ -311,14 +439,16 @@ def nearest_marked(bitmap, zyx, idx, offsets, offset_dist, out):
 def bucket_points(zyx, idx, cell, gy, gx, starts, items):
     """Counting sort of points ``idx`` into cells of edge ``cell``: cell ``c`` holds
     ``items[starts[c]:starts[c + 1]]`` (``starts`` has one entry per cell plus one, zeroed)."""
+    u = np.uint64(cell)  # coordinates are >= 0: unsigned division, no floor-division fix-ups
+    uy, ux = np.uint64(gy), np.uint64(gx)
     for i in idx:
-        c = ((zyx[i, 0] // cell) * gy + zyx[i, 1] // cell) * gx + zyx[i, 2] // cell
-        starts[c + 1] += 1
+        c = ((np.uint64(zyx[i, 0]) // u) * uy + np.uint64(zyx[i, 1]) // u) * ux + np.uint64(zyx[i, 2]) // u
+        starts[c + np.uint64(1)] += 1
     for c in range(starts.shape[0] - 1):
         starts[c + 1] += starts[c]
     fill = starts[:-1].copy()
     for i in idx:
-        c = ((zyx[i, 0] // cell) * gy + zyx[i, 1] // cell) * gx + zyx[i, 2] // cell
+        c = ((np.uint64(zyx[i, 0]) // u) * uy + np.uint64(zyx[i, 1]) // u) * ux + np.uint64(zyx[i, 2]) // u
         items[fill[c]] = i
         fill[c] += 1
 
@@ -377,13 +507,186 @@ def add_counts(hist, ncodes, dist_idx, codes, idx):
 
 
 @njit(nogil=True, cache=True)
-def mark_cells(cells, zyx, idx, origin, cell, gy, gx):
-    """Flag the coarse cells (edge ``cell``) holding points ``zyx[idx] + origin`` in ``cells`` (flat)."""
+def mark_cells(bits, zyx, idx, origin, cell, gy, gx):
+    """Set the bits (``bits`` packed, little bit order) of the cells (edge ``cell``, ``gy`` x ``gx`` per
+    slice) that hold points ``zyx[idx] + origin``."""
+    u = np.uint64(cell)  # coordinates are >= 0: unsigned division
     for i in idx:
-        cz = (np.int64(zyx[i, 0]) + origin[0]) // cell
-        cy = (np.int64(zyx[i, 1]) + origin[1]) // cell
-        cx = (np.int64(zyx[i, 2]) + origin[2]) // cell
-        cells[(cz * gy + cy) * gx + cx] = 1
+        cz = np.int64(np.uint64(np.int64(zyx[i, 0]) + origin[0]) // u)
+        cy = np.int64(np.uint64(np.int64(zyx[i, 1]) + origin[1]) // u)
+        cx = np.int64(np.uint64(np.int64(zyx[i, 2]) + origin[2]) // u)
+        f = (cz * gy + cy) * gx + cx
+        bits[f >> 3] |= np.uint8(1 << (f & 7))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _bit(bits, f):
+    return (bits[f >> 3] >> (f & 7)) & 1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _axis_far(p, k, cell, npts):
+    """Largest |p - q| over the points q of cell ``k`` on one axis."""
+    lo = k * cell
+    hi = min(lo + cell, npts) - 1
+    return max(abs(p - lo), abs(p - hi))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _axis_gap(p, k, cell, npts):
+    """Smallest |p - q| over the points q of cell ``k`` on one axis."""
+    lo = k * cell
+    hi = min(lo + cell, npts) - 1
+    if p < lo:
+        return lo - p
+    if p > hi:
+        return p - hi
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def far_bounds(pts, row, occ, grid, cell, npts, spacing, out):
+    """``out[i]``: an upper bound of the distance from point ``pts[i]`` to the nearest point of any
+    occupied cell (bits ``occ[row[i]]``): the least, over occupied cells, of the largest distance to a
+    point of the cell. Cells are visited in Chebyshev shells around the point's own cell, stopping
+    once every cell of the shell is farther than the best bound; ``inf`` when no cell is occupied."""
+    gz, gy, gx = grid[0], grid[1], grid[2]
+    sz, sy, sx = spacing[0], spacing[1], spacing[2]
+    msp = min(sz, min(sy, sx))
+    rmax = max(gz, max(gy, gx))
+    for i in range(pts.shape[0]):
+        z, y, x = np.int64(pts[i, 0]), np.int64(pts[i, 1]), np.int64(pts[i, 2])
+        kz, ky, kx = z // cell, y // cell, x // cell
+        bits = occ[row[i]]
+        best = np.inf
+        for r in range(rmax + 1):
+            if r > 0 and ((r - 1) * cell + 1) * msp > best:
+                break
+            for a in range(-r, r + 1):
+                qz = kz + a
+                if qz < 0 or qz >= gz:
+                    continue
+                fz = _axis_far(z, qz, cell, npts[0]) * sz
+                for b in range(-r, r + 1):
+                    qy = ky + b
+                    if qy < 0 or qy >= gy:
+                        continue
+                    fy = _axis_far(y, qy, cell, npts[1]) * sy
+                    edge = a == -r or a == r or b == -r or b == r
+                    step = 1 if edge else 2 * r
+                    for c in range(-r, r + 1, max(step, 1)):
+                        qx = kx + c
+                        if qx < 0 or qx >= gx:
+                            continue
+                        if not _bit(bits, (qz * gy + qy) * gx + qx):
+                            continue
+                        fx = _axis_far(x, qx, cell, npts[2]) * sx
+                        d = np.sqrt((fz * fz + fy * fy) + fx * fx)
+                        if d < best:
+                            best = d
+        out[i] = best
+
+
+@njit(nogil=True, cache=True)
+def want_cells(pts, row, bound, occ, grid, cell, npts, spacing, wanted):
+    """Set ``wanted[row[i]]`` bits of the occupied cells that hold a point no farther than
+    ``bound[i]`` from ``pts[i]`` (the cells where the nearest occupied point may be)."""
+    gz, gy, gx = grid[0], grid[1], grid[2]
+    sz, sy, sx = spacing[0], spacing[1], spacing[2]
+    for i in range(pts.shape[0]):
+        u = bound[i]
+        z, y, x = np.int64(pts[i, 0]), np.int64(pts[i, 1]), np.int64(pts[i, 2])
+        bits = occ[row[i]]
+        out = wanted[row[i]]
+        z0, z1 = max(0, np.int64((z - u / sz) // cell)), min(gz - 1, np.int64((z + u / sz) // cell))
+        y0, y1 = max(0, np.int64((y - u / sy) // cell)), min(gy - 1, np.int64((y + u / sy) // cell))
+        x0, x1 = max(0, np.int64((x - u / sx) // cell)), min(gx - 1, np.int64((x + u / sx) // cell))
+        for qz in range(z0, z1 + 1):
+            fz = _axis_gap(z, qz, cell, npts[0]) * sz
+            for qy in range(y0, y1 + 1):
+                fy = _axis_gap(y, qy, cell, npts[1]) * sy
+                base = (qz * gy + qy) * gx
+                for qx in range(x0, x1 + 1):
+                    f = base + qx
+                    if _bit(out, f) or not _bit(bits, f):
+                        continue
+                    fx = _axis_gap(x, qx, cell, npts[2]) * sx
+                    if np.sqrt((fz * fz + fy * fy) + fx * fx) <= u:
+                        out[f >> 3] |= np.uint8(1 << (f & 7))
+
+
+@njit(nogil=True, cache=True)
+def far_tiles(pts, bound, spacing, tsz, ntiles, npts, owner, tile):
+    """Pairs (point, tile) where tile (edge ``tsz`` points; the last one per axis also holds the
+    points past it) has a point within ``bound[i]`` of ``pts[i]``: written to ``owner`` / ``tile``
+    (flat tile ids) when they are long enough, else only counted; returns the count."""
+    fill = owner.shape[0] > 0
+    n = 0
+    for i in range(pts.shape[0]):
+        u = bound[i]
+        lo = np.empty(3, np.int64)
+        hi = np.empty(3, np.int64)
+        for a in range(3):
+            r = u / spacing[a]
+            lo[a] = min(max(np.int64(np.floor(pts[i, a] - r)), 0) // tsz[a], ntiles[a] - 1)
+            hi[a] = min(min(np.int64(np.ceil(pts[i, a] + r)), npts[a] - 1) // tsz[a], ntiles[a] - 1)
+        for tz in range(lo[0], hi[0] + 1):
+            gz = max(max(tz * tsz[0] - pts[i, 0], pts[i, 0] - (tz + 1) * tsz[0] + 1), 0) * spacing[0]
+            if tz == ntiles[0] - 1:
+                gz = max(tz * tsz[0] - pts[i, 0], 0) * spacing[0]
+            for ty in range(lo[1], hi[1] + 1):
+                gy = max(max(ty * tsz[1] - pts[i, 1], pts[i, 1] - (ty + 1) * tsz[1] + 1), 0) * spacing[1]
+                if ty == ntiles[1] - 1:
+                    gy = max(ty * tsz[1] - pts[i, 1], 0) * spacing[1]
+                for tx in range(lo[2], hi[2] + 1):
+                    gx = max(max(tx * tsz[2] - pts[i, 2], pts[i, 2] - (tx + 1) * tsz[2] + 1), 0) * spacing[2]
+                    if tx == ntiles[2] - 1:
+                        gx = max(tx * tsz[2] - pts[i, 2], 0) * spacing[2]
+                    if np.sqrt((gz * gz + gy * gy) + gx * gx) > u:
+                        continue
+                    if fill:
+                        owner[n] = i
+                        tile[n] = (tz * ntiles[1] + ty) * ntiles[2] + tx
+                    n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def cell_boxes(bits, grid, cell, lo, hi, win0, out):
+    """Boxes (window coordinates: minus ``win0``) of the cells set in ``bits``, cut to points
+    ``[lo, hi)``; returns how many were written to ``out`` (rows ``z0, y0, x0, z1, y1, x1``)."""
+    gy, gx = grid[1], grid[2]
+    n = 0
+    for qz in range(lo[0] // cell, (hi[0] - 1) // cell + 1):
+        for qy in range(lo[1] // cell, (hi[1] - 1) // cell + 1):
+            for qx in range(lo[2] // cell, (hi[2] - 1) // cell + 1):
+                if not _bit(bits, (qz * gy + qy) * gx + qx):
+                    continue
+                out[n, 0] = max(qz * cell, lo[0]) - win0[0]
+                out[n, 1] = max(qy * cell, lo[1]) - win0[1]
+                out[n, 2] = max(qx * cell, lo[2]) - win0[2]
+                out[n, 3] = min((qz + 1) * cell, hi[0]) - win0[0]
+                out[n, 4] = min((qy + 1) * cell, hi[1]) - win0[1]
+                out[n, 5] = min((qx + 1) * cell, hi[2]) - win0[2]
+                n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def points_in_cells(zyx, lab, want_lab, win0, bits, cell, gy, gx, out):
+    """``out[i]``: point ``i`` has label index ``want_lab`` and lies in a cell set in ``bits``;
+    returns how many."""
+    n = 0
+    for i in range(lab.shape[0]):
+        ok = False
+        if lab[i] == want_lab:
+            cz = (np.int64(zyx[i, 0]) + win0[0]) // cell
+            cy = (np.int64(zyx[i, 1]) + win0[1]) // cell
+            cx = (np.int64(zyx[i, 2]) + win0[2]) // cell
+            ok = _bit(bits, (cz * gy + cy) * gx + cx) == 1
+        out[i] = ok
+        n += ok
+    return n
 
 
 # ------------------------------------------------------------------ exact float emulations

@@ -9,29 +9,43 @@ What it computes
 
 Near points, in the pass (``add``)
     The reducer asks the engine for a halo of ``reach + 1`` voxels. In each block it extracts the
-    surface points of both sides in the core grown by ``reach`` (the extra voxel decides
-    surface-ness across the block's edge) and, for every surface point it *owns* (in the core),
-    walks the integer offsets ``o`` with ``|o_axis| <= reach``, sorted by length, up to the first
-    surface point of the other side. Every point outside that box lies at least
-    ``G = (reach + 1) * min(spacing)`` away, and only offsets shorter than ``G`` are walked, so
-    a hit is the exact nearest point. The distance is kept as an index into the sorted distinct
-    offset lengths, counted per (distance, neighbourhood code): a few kilobytes per label,
-    whatever the volume.
+    surface points of both sides, all labels in one scan, in the core grown by ``reach`` (the
+    extra voxel decides surface-ness across the block's edge) and, for every surface point it
+    *owns* (in the core), walks the integer offsets ``o`` with ``|o_axis| <= reach``, sorted by
+    length, up to the first surface point of the other side (first in a bitmap up to
+    ``_FIRST_STAGE`` voxels, then by buckets of points). Every point outside that box lies at
+    least ``G = (reach + 1) * min(spacing)`` away, and only offsets shorter than ``G`` count, so a
+    hit is the exact nearest point. The record is compact and exact: per label and direction, a
+    count per (distance value, neighbourhood code), the distance being an index into the sorted
+    distinct offset lengths (a few hundred values; 256 codes for DeepMind's surfels, 1 for voxel
+    conventions). Partials merge by adding counts: a few hundred kilobytes per label, whatever
+    the volume or its surface area.
 
 Far points, after the pass (:func:`finish_distances`)
     A point with no hit is *far* (its nearest counterpart is at least ``G`` away, possibly beyond
-    the block): its coordinates and code are kept. The pass also records, per label and side,
-    which coarse cells (``cell`` voxels on an edge) hold surface points. After the pass each far
-    point's candidate cells are those whose centre lies within ``u + h`` of it, where ``u`` is
-    the distance to the nearest occupied cell's centre plus the cell's half diagonal ``h`` (so
-    the nearest surface point lies in one of them); only those cells are read again from the
-    inputs, their surface points extracted, and a k-d tree (scipy) over them answers every far
-    point exactly. Memory: the far points, plus the surface points in their candidate cells.
+    the block): its coordinates and code are kept (sparse: about 1 % of the points on the
+    benchmark's blobs). The pass also sets, per label and side, one bit per coarse cell (``cell``
+    points on an edge, at most ``_GRID`` cells per axis) that holds surface points. After the
+    pass, per far point: an upper bound ``u`` of its distance (the nearest occupied cell by its
+    farthest point, found by a shell search over the bits); the occupied cells with a point
+    within ``u`` are *wanted* (the nearest point lies in one of them). Then the input is read
+    again tile by tile (tiles = its chunks, each decoded about once; tiles without wanted cells
+    are not read), the surface points of the wanted cells alone are extracted, and every far
+    point whose ``u``-ball meets the tile is answered by a k-d tree of its label's points there;
+    the nearest over the tiles wins. Memory: the far points and the bits, plus one tile's points
+    per thread and a bounded cache of decoded chunks (``_CHUNK_CACHE``), never the volume's
+    surface.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,13 +60,25 @@ DEFAULT_REACH = 16
 MAX_LABELS = 1024
 """Most labels boundary metrics are computed for in one run (per-label state is per worker)."""
 _WINDOW_LABELS = 4096  # distinct labels one window may hold (kernel label table)
-_TILE = 128  # edge of the regions read again for far points (cells are grouped by tile)
+_TILE = 128  # edge of the regions read again for far points when an input has no chunk grid
+_GRID = 128  # coarse cells per axis, at most (occupancy bits: 256 KiB per label and side)
+_CHUNK_CACHE = 64 << 20  # bytes of decoded chunks the far step keeps (a tile reads its neighbours' edges)
 _GT, _PRED = 0, 1
+
+
+def _point_buffers(cap: int, table: np.ndarray | None = None, ntab: np.ndarray | None = None) -> tuple:
+    """Output buffers of the surface kernels for ``cap`` points: coordinates, label indices,
+    codes, owned flags, and the window's label table (kept when the buffers grow)."""
+    return (
+        np.empty((cap, 3), np.int32), np.empty(cap, np.int32), np.empty(cap, np.uint8), np.empty(cap, np.bool_),
+        np.zeros(_WINDOW_LABELS, np.int64) if table is None else table,
+        np.zeros(1, np.int64) if ntab is None else ntab,
+    )
 DIRECTIONS = ("gt_to_pred", "pred_to_gt")  # direction d goes from side d to side 1 - d
 
 
 _CELL = 4  # edge of the buckets of the second search stage (points)
-_FIRST_STAGE = 2.5  # the first stage walks offsets shorter than this many times the smallest spacing
+_FIRST_STAGE = 4.0  # the first stage walks offsets shorter than this many times the smallest spacing
 
 
 def cell_offsets_table(reach: int, spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +113,7 @@ class _Label:
     """The state of one label: near-distance counts, far points, occupied cells, point counts."""
 
     hist: np.ndarray  # int64 (2, n_distances * n_codes), by direction
-    cells: np.ndarray  # uint8 (2, n_cells), by side
+    cells: np.ndarray  # uint8 (2, ceil(n_cells / 8)): one bit per coarse cell holding surface points, by side
     npoints: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))  # surface points by side
     far: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=lambda: [[], []])  # by direction
 
@@ -149,10 +175,12 @@ class SurfaceDistances:
         self.labels: dict[int, _Label] = {}
         self.shape: tuple[int, ...] | None = None
         self.blocks = 0
-        self._buffers: dict[int, Any] = {}
+        self.spawned = 0
+        self._buffers: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ protocol
     def spawn(self) -> SurfaceDistances:
+        self.spawned += 1  # the far step uses as many threads as the pass had workers
         return SurfaceDistances(
             self.points, self.spacing, self.skip, self.reach,
             _tables=self._tables,
@@ -191,7 +219,7 @@ class SurfaceDistances:
     def cell(self) -> int:
         """Edge of the coarse cells that record where surface points are (in points)."""
         assert self.shape is not None
-        return max(16, -(-(max(self.shape) + 1) // 64))
+        return max(8, -(-(max(self.shape) + 1) // _GRID))
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -204,7 +232,7 @@ class SurfaceDistances:
         if st is None:
             st = _Label(
                 hist=np.zeros((2, self.distances.size * self.ncodes), np.int64),
-                cells=np.zeros((2, math.prod(self.grid)), np.uint8),
+                cells=np.zeros((2, -(-math.prod(self.grid) // 8)), np.uint8),
             )
             self.labels[lab] = st
             self._check_count()
@@ -258,19 +286,12 @@ class SurfaceDistances:
             if buf is None:
                 region = int(np.prod(np.maximum(np.asarray(hi) - np.asarray(lo), 0)))
                 cap = max(1 << 12, region // 4)
-                buf = self._buffers[slot] = (
-                    np.empty((cap, 3), np.int32), np.empty(cap, np.int32), np.empty(cap, np.uint8),
-                    np.empty(cap, np.bool_), np.zeros(_WINDOW_LABELS, np.int64), np.zeros(1, np.int64),
-                )  # fmt: skip
+                buf = self._buffers[slot] = _point_buffers(cap)
             zyx, lab, code, own, table, ntab = buf
             ntab[0] = 0
             n = kernel(win, lo, hi, olo, ohi, skip, table, ntab, zyx, lab, code, own)
             if n == -2:  # outputs full: twice as large, and again
-                cap = 2 * lab.shape[0]
-                self._buffers[slot] = (
-                    np.empty((cap, 3), np.int32), np.empty(cap, np.int32), np.empty(cap, np.uint8),
-                    np.empty(cap, np.bool_), table, ntab,
-                )  # fmt: skip
+                self._buffers[slot] = _point_buffers(2 * lab.shape[0], table, ntab)
                 continue
             break
         if n < 0:
@@ -279,6 +300,42 @@ class SurfaceDistances:
                 "semantic labels, not instance ids"
             )
         return zyx[:n], table[: int(ntab[0])].copy(), lab[:n], code[:n], own[:n]
+
+    def extract_boxes(self, win: np.ndarray, boxes: np.ndarray):
+        """Surface points of ``win`` inside ``boxes`` (window coordinates): coordinates, the label
+        table, label indices (buffers valid until the next call)."""
+        skip = np.array(self.skip, np.int64)
+        if win.dtype == np.bool_:
+            win = win.view(np.uint8)
+        corners = self.points == "corners"
+        while True:
+            key = ("far", threading.get_ident())  # one buffer per thread of the far step
+            buf = self._buffers.get(key)
+            if buf is None:
+                cap = max(1 << 14, win.size // 8)
+                buf = self._buffers[key] = _point_buffers(cap)
+            zyx, lab, code, own, table, ntab = buf
+            ntab[0] = 0
+            n = K.surface_in_boxes(win, corners, boxes, skip, table, ntab, zyx, lab, code, own)
+            if n == -2:
+                del self._buffers[key]
+                self._buffers[key] = _point_buffers(2 * lab.shape[0], table, ntab)
+                continue
+            break
+        if n < 0:
+            raise FastSegError(
+                f"more than {_WINDOW_LABELS} distinct labels in one block: boundary metrics are meant for "
+                "semantic labels, not instance ids"
+            )
+        return zyx[:n], table[: int(ntab[0])].copy(), lab[:n]
+
+    def _scratch(self, key: Any, n: int, dtype: Any) -> np.ndarray:
+        """``n`` elements of a per-worker scratch array (grown, never shrunk): no allocation churn
+        per block, which glibc would otherwise keep as heap fragments."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.size < n:
+            buf = self._buffers[key] = np.empty(max(n, 1 << 16), dtype)
+        return buf[:n]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -297,12 +354,14 @@ class SurfaceDistances:
         sides = []
         for slot, arr in enumerate((block.gt, block.pred)):
             zyx, values, lab, code, own = self.extract(arr, lo, hi, olo, ohi, slot)
-            order = np.empty(lab.size, np.int64)
+            order = self._scratch(("order", slot), lab.size, np.int64)
             starts = np.empty(values.size + 1, np.int64)
             K.group_by_label(lab, values.size, order, starts)
             groups = {int(v): order[starts[i] : starts[i + 1]] for i, v in enumerate(values)}
             sides.append((zyx, code, own, groups))
-        bitmap = np.zeros(tuple(s + 1 for s in n), np.uint8)
+        bitmap = self._buffers.get("bitmap")  # kept all zero between uses (every mark is undone)
+        if bitmap is None or bitmap.shape != tuple(s + 1 for s in n):
+            bitmap = self._buffers["bitmap"] = np.zeros(tuple(s + 1 for s in n), np.uint8)
         origin = np.array(win0, np.int64)
         c, (_, gy, gx) = self.cell, self.grid
         bg = tuple(-(-(s + 1) // _CELL) for s in n)  # buckets of the second search stage
@@ -327,14 +386,15 @@ class SurfaceDistances:
                 a_zyx, a_code = sides[d][0], sides[d][1]
                 b_zyx, b_groups = sides[1 - d][0], sides[1 - d][3]
                 b_idx = b_groups.get(lab_value)
-                dist = np.full(a_idx.size, -1, np.int64)
+                dist = self._scratch("dist", a_idx.size, np.int64)
+                dist.fill(-1)
                 if b_idx is not None and b_idx.size:
                     K.mark_points(bitmap, b_zyx, b_idx, 1)
                     K.nearest_marked(bitmap, a_zyx, a_idx, first_offsets, first_dist, dist)
                     K.mark_points(bitmap, b_zyx, b_idx, 0)
                     if np.any(dist < 0):  # no counterpart among the nearest offsets: search by buckets
                         starts[:] = 0
-                        items = np.empty(b_idx.size, np.int64)
+                        items = self._scratch("items", b_idx.size, np.int64)
                         K.bucket_points(b_zyx, b_idx, _CELL, bg[1], bg[2], starts, items)
                         K.nearest_in_cells(
                             a_zyx, a_idx, b_zyx, starts, items, _CELL, bg[0], bg[1], bg[2], self._cells,
@@ -361,104 +421,203 @@ def _physical(points: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
     return points.astype(np.float64) * np.asarray(spacing, np.float64)
 
 
-def _candidate_cells(red: SurfaceDistances, far: np.ndarray, cells: np.ndarray) -> np.ndarray:
-    """Flat ids of the occupied ``cells`` that may hold the nearest surface point of a far point."""
+class _Tiles:
+    """Windows of one input for the far step, assembled from whole chunks (zarr: decoded once
+    while the byte budget keeps them) so that a tile's one-voxel rim costs no second decode."""
+
+    def __init__(self, vol: Any, shape: tuple[int, ...], budget: int = _CHUNK_CACHE):
+        chunks = getattr(vol, "spatial_chunks", None)
+        self.vol, self.shape = vol, shape
+        self.zarr = getattr(vol, "kind", None) == "zarr" and chunks is not None
+        self.chunks = tuple(int(c) for c in chunks) if self.zarr else (_TILE,) * 3
+        self.budget = budget
+        self.cache: dict[tuple[int, ...], np.ndarray] = {}
+        self.nbytes = 0
+        self.lock = threading.Lock()
+
+    def _chunk(self, idx: tuple[int, ...]) -> np.ndarray:
+        with self.lock:
+            arr = self.cache.pop(idx, None)
+            if arr is not None:
+                self.cache[idx] = arr  # most recently used last
+                return arr
+        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, self.chunks, self.shape))
+        arr = np.asarray(self.vol.read(region))  # outside the lock: threads decode in parallel
+        with self.lock:
+            if idx not in self.cache:
+                self.cache[idx] = arr
+                self.nbytes += arr.nbytes
+            while self.nbytes > self.budget and len(self.cache) > 1:
+                old = next(iter(self.cache))
+                self.nbytes -= self.cache.pop(old).nbytes
+        return arr
+
+    def window(self, lo: tuple[int, ...], hi: tuple[int, ...]) -> np.ndarray:
+        if not self.zarr:
+            return np.asarray(self.vol.read(tuple(slice(a, b) for a, b in zip(lo, hi))))
+        c = self.chunks
+        ranges = [range(a // ci, (b - 1) // ci + 1) for a, b, ci in zip(lo, hi, c)]
+        out = None
+        for idx in itertools.product(*ranges):
+            arr = self._chunk(idx)
+            if out is None:
+                out = np.empty(tuple(b - a for a, b in zip(lo, hi)), arr.dtype)
+            start = [i * ci for i, ci in zip(idx, c)]
+            src = tuple(slice(max(a, s0) - s0, min(b, s0 + n) - s0) for a, b, s0, n in zip(lo, hi, start, arr.shape))
+            dst = tuple(slice(max(a, s0) - a, min(b, s0 + n) - a) for a, b, s0, n in zip(lo, hi, start, arr.shape))
+            out[dst] = arr[src]
+        return out  # type: ignore[return-value]
+
+
+def _in_order(ex: Any, fn: Any, n: int, ahead: int) -> Any:
+    """``fn(0), fn(1), ...`` in order, run on executor ``ex`` (None: here) with at most ``ahead`` in flight."""
+    if ex is None:
+        yield from map(fn, range(n))
+        return
+    pending: deque[Any] = deque()
+    for i in range(n):
+        pending.append(ex.submit(fn, i))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _resolve_far(
+    red: SurfaceDistances, vol: Any, pts: np.ndarray, row: np.ndarray, occ: np.ndarray, labels: np.ndarray,
+    workers: int = 1,
+) -> np.ndarray:
+    """Exact distances from far points ``pts`` to the surface of ``vol`` of their label (``row``
+    indexes ``labels`` and ``occ``, the labels' occupancy bits on that side).
+
+    1. an upper bound ``u`` of each point's distance: the nearest occupied cell, by its farthest point;
+    2. the occupied cells with a point within ``u`` are *wanted* (the nearest point lies in one);
+    3. the input is read again tile by tile (each chunk decoded about once), the surface points of
+       the wanted cells extracted, and each far point whose ``u``-box meets the tile is queried in a
+       k-d tree of its label's points there; the nearest over the tiles wins.
+    Tiles are spread over ``workers`` threads (kernels and k-d trees release the GIL) and their
+    answers merged in tile order. Memory: the far points, the bits, a tile's points per thread
+    and the chunk cache.
+    """
     from scipy.spatial import cKDTree
 
-    c = red.cell
-    _, gy, gx = red.grid
-    occupied = np.flatnonzero(cells)
-    cz, rem = np.divmod(occupied, gy * gx)
-    cy, cx = np.divmod(rem, gx)
-    centres = _physical(np.stack([cz, cy, cx], axis=1) * c + (c - 1) / 2, red.spacing)
-    half = (c - 1) / 2 * math.sqrt(sum(s * s for s in red.spacing))
-    tree = cKDTree(centres)
-    chosen = np.zeros(occupied.size, bool)
-    for start in range(0, far.shape[0], 65536):
-        pts = _physical(far[start : start + 65536], red.spacing)
-        d0, _ = tree.query(pts)
-        radius = (d0 + 2 * half) * (1 + 1e-9) + 1e-9
-        for hits in tree.query_ball_point(pts, radius, return_sorted=False):
-            chosen[hits] = True
-    return occupied[chosen]
-
-
-def _read_points(red: SurfaceDistances, vol: Any, wanted: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Surface points (volume coordinates) of each label in its wanted cells, read from ``vol``."""
     assert red.shape is not None
-    c, (_, gy, gx), shape = red.cell, red.grid, red.shape
-    per_tile = max(1, _TILE // c)
-    tiles: dict[tuple[int, int, int], list[tuple[int, np.ndarray]]] = {}
-    for lab, ids in wanted.items():
-        cz, rem = np.divmod(ids, gy * gx)
-        cy, cx = np.divmod(rem, gx)
-        cc = np.stack([cz, cy, cx], axis=1)
-        keys = cc // per_tile
-        for key in {tuple(k) for k in keys.tolist()}:
-            sel = np.all(keys == key, axis=1)
-            tiles.setdefault(key, []).append((lab, cc[sel]))
-    found: dict[int, list[np.ndarray]] = {lab: [] for lab in wanted}
-    for items in tiles.values():
-        cmin = np.min([cc.min(axis=0) for _, cc in items], axis=0)
-        cmax = np.max([cc.max(axis=0) for _, cc in items], axis=0)
-        p_lo = cmin * c  # points (voxels or corners) to extract
-        p_hi = (cmax + 1) * c
-        region = []
-        for a in range(3):
-            v_lo = max(0, int(p_lo[a]) - 1)
-            v_hi = min(shape[a], int(p_hi[a]) + (1 if red.points == "voxels" else 0))
-            region.append((v_lo, v_hi))
-        arr = np.asarray(vol.read(tuple(slice(a, b) for a, b in region)))
-        win0 = tuple(a for a, _ in region)
-        lo, hi, olo, ohi = red.regions(arr.shape, win0, None)
-        lo = np.maximum(lo, p_lo - np.array(win0))
-        hi = np.minimum(hi, p_hi - np.array(win0))
-        if np.any(hi <= lo):
-            continue
-        zyx, values, lab_idx, _, _ = red.extract(arr, lo, hi, lo, hi)
-        pts = zyx.astype(np.int64) + np.array(win0, np.int64)
-        cells_of = (pts // c)
-        flat = (cells_of[:, 0] * gy + cells_of[:, 1]) * gx + cells_of[:, 2]
-        for lab, cc in items:
-            where = np.flatnonzero(values == lab)
-            if where.size == 0:
+    shape, c, grid = red.shape, red.cell, np.array(red.grid, np.int64)
+    corners = red.points == "corners"
+    npts = np.array([n + 1 if corners else n for n in shape], np.int64)  # points per axis
+    spacing = np.array(red.spacing, np.float64)
+    n = pts.shape[0]
+    bound = np.empty(n)
+    K.far_bounds(pts, row, occ, grid, c, npts, spacing, bound)
+    bound = bound * (1 + 1e-9) + 1e-12  # never cut a cell at exactly the bound
+    wanted = np.zeros_like(occ)
+    K.want_cells(pts, row, bound, occ, grid, c, npts, spacing, wanted)
+    union = np.bitwise_or.reduce(wanted, axis=0)
+    tiles = _Tiles(vol, shape)
+    tsz = np.array(tiles.chunks, np.int64)
+    ntiles = np.maximum(1, -(-np.array(shape, np.int64) // tsz))
+    # far point -> the tiles its u-ball meets (a point of the last tile's far face belongs to it)
+    count = K.far_tiles(pts, bound, spacing, tsz, ntiles, npts, np.empty(0, np.int64), np.empty(0, np.int64))
+    owner, tflat = np.empty(count, np.int64), np.empty(count, np.int64)
+    K.far_tiles(pts, bound, spacing, tsz, ntiles, npts, owner, tflat)
+    order = np.lexsort((row[owner], tflat))
+    owner, tflat = owner[order], tflat[order]
+    bounds_at = np.flatnonzero(np.r_[True, tflat[1:] != tflat[:-1]])
+    phys = _physical(pts, red.spacing)
+    gy, gx = int(grid[1]), int(grid[2])
+
+    def tile(bi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Nearest candidates in one tile for the far points whose box meets it: (points, kd
+        distances, integer offsets)."""
+        start = bounds_at[bi]
+        stop = bounds_at[bi + 1] if bi + 1 < bounds_at.size else owner.size
+        t = int(tflat[start])
+        tidx = np.array([t // (ntiles[1] * ntiles[2]), (t // ntiles[2]) % ntiles[1], t % ntiles[2]], np.int64)
+        p_lo = tidx * tsz
+        p_hi = np.where(tidx == ntiles - 1, npts, (tidx + 1) * tsz)  # points of this tile
+        v_lo = np.maximum(p_lo - 1, 0)
+        v_hi = np.minimum(p_hi + (0 if corners else 1), np.array(shape))
+        boxes = np.empty((int(np.prod((p_hi - 1) // c - p_lo // c + 1)), 6), np.int64)
+        nb = K.cell_boxes(union, grid, c, p_lo, p_hi, v_lo, boxes)
+        if nb == 0:
+            return None
+        win = tiles.window(tuple(int(a) for a in v_lo), tuple(int(b) for b in v_hi))
+        zyx, values, lab_idx = red.extract_boxes(win, boxes[:nb])
+        if lab_idx.size == 0:
+            return None
+        who = owner[start:stop]
+        rows = row[who]
+        sel = np.empty(lab_idx.size, np.bool_)
+        found = []
+        for r in np.unique(rows):
+            li = np.flatnonzero(values == labels[r])
+            if li.size == 0 or K.points_in_cells(zyx, lab_idx, int(li[0]), v_lo, wanted[r], c, gy, gx, sel) == 0:
                 continue
-            sel = lab_idx == where[0]
-            want = (cc[:, 0] * gy + cc[:, 1]) * gx + cc[:, 2]
-            sel &= np.isin(flat, want)
-            found[lab].append(pts[sel])
-    return {lab: (np.concatenate(v) if v else np.empty((0, 3), np.int64)) for lab, v in found.items()}
+            tgt = zyx[sel].astype(np.int64) + v_lo
+            q = who[rows == r]
+            # nothing beyond the points' bounds can be the nearest: let the tree prune there
+            dq, j = cKDTree(_physical(tgt, red.spacing)).query(phys[q], distance_upper_bound=float(bound[q].max()))
+            hit = np.isfinite(dq)
+            q, dq, j = q[hit], dq[hit], j[hit]
+            found.append((q, dq, tgt[j] - pts[q]))
+        if not found:
+            return None
+        return tuple(np.concatenate(x) for x in zip(*found))  # type: ignore[return-value]
+
+    best = np.full(n, np.inf)
+    best_off = np.zeros((n, 3), np.int64)
+    nthreads = max(1, min(workers, bounds_at.size))
+    with ThreadPoolExecutor(nthreads, thread_name_prefix="fastseg-far") if nthreads > 1 else nullcontext() as ex:
+        for res in _in_order(ex, tile, bounds_at.size, 2 * nthreads):  # the same answer for any thread count
+            if res is None:
+                continue
+            q, dq, off = res
+            better = dq < best[q]
+            qb = q[better]
+            best[qb] = dq[better]
+            best_off[qb] = off[better]
+    if not np.all(np.isfinite(best)):  # cannot happen: an occupied cell holds a point of its label
+        raise FastSegError("a far surface point found no surface point again in its recorded cells")
+    return K.offset_distance(best_off[:, 0], best_off[:, 1], best_off[:, 2], red.spacing)
 
 
-def finish_distances(red: SurfaceDistances, gt: Any, pred: Any) -> dict[int, tuple[DirectedPoints, DirectedPoints]]:
-    """Resolve far points exactly (reading only their candidate cells of ``gt`` / ``pred``, objects
-    with ``read(region)``) and return, per label, the (gt -> pred, pred -> gt) distances."""
-    from scipy.spatial import cKDTree
-
+def finish_distances(
+    red: SurfaceDistances, gt: Any, pred: Any, workers: int | None = None
+) -> dict[int, tuple[DirectedPoints, DirectedPoints]]:
+    """Resolve far points exactly (reading again only the tiles of ``gt`` / ``pred``, objects with
+    ``read(region)``, that hold candidate cells) and return, per label, the (gt -> pred, pred -> gt)
+    distances. ``workers`` threads (default: as many as the pass spawned, at most the CPUs)."""
+    if workers is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not on Linux
+            cpus = os.cpu_count() or 1
+        workers = max(1, min(red.spawned, cpus))
     far_d: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     for side, vol in ((_GT, gt), (_PRED, pred)):  # side is the target of direction 1 - side
         d = 1 - side
-        wanted, todo = {}, {}
+        labs, pts, codes, occ = [], [], [], []
         for lab, st in red.labels.items():
             st.pack()
             if not st.far[d]:
                 continue
-            pts, codes = st.far[d][0]
+            p, cd = st.far[d][0]
             if st.npoints[side] == 0:
-                far_d[(lab, d)] = (np.full(pts.shape[0], np.inf), codes)
+                far_d[(lab, d)] = (np.full(p.shape[0], np.inf), cd)
                 continue
-            todo[lab] = (pts, codes)
-            wanted[lab] = _candidate_cells(red, pts, st.cells[side])
-        if not todo:
+            labs.append(lab)
+            pts.append(p)
+            codes.append(cd)
+            occ.append(st.cells[side])
+        if not labs:
             continue
-        targets = _read_points(red, vol, wanted)
-        for lab, (pts, codes) in todo.items():
-            tgt = targets[lab]
-            if tgt.shape[0] == 0:  # cannot happen: a cell is occupied only by points of the label
-                raise FastSegError(f"label {lab}: no surface point found again in its recorded cells")
-            _, j = cKDTree(_physical(tgt, red.spacing)).query(_physical(pts, red.spacing))
-            off = pts - tgt[j]
-            far_d[(lab, d)] = (K.offset_distance(off[:, 0], off[:, 1], off[:, 2], red.spacing), codes)
+        sizes = [p.shape[0] for p in pts]
+        row = np.repeat(np.arange(len(labs)), sizes)
+        dist = _resolve_far(red, vol, np.concatenate(pts).astype(np.int64), row, np.stack(occ), np.array(labs), workers)
+        for key in [k for k in red._buffers if isinstance(k, tuple) and k[0] == "far"]:  # far-step scratch
+            del red._buffers[key]
+        for lab, part, cd in zip(labs, np.split(dist, np.cumsum(sizes)[:-1]), codes):
+            far_d[(lab, d)] = (part, cd)
     out = {}
     nd = red.distances.size
     for lab, st in red.labels.items():
