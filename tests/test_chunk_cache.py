@@ -70,3 +70,46 @@ def test_every_chunk_is_decoded_once_and_freed(seed, budget):
         assert cache.decodes == sum(vol.reads.values())
     assert cache.data == {} and cache.nbytes == 0  # everything freed after its last use
     assert cache.left == {} and cache.pending == {}
+
+
+def test_halo_runs_evict_the_chunk_needed_last_and_stay_exact(tmp_path, monkeypatch):
+    """Past the halo cache budget, the chunks whose next use is farthest make room (Belady): the
+    kept bytes never pass the budget (a chunk another thread is waiting for is handed over, not
+    kept), chunks are decoded again when next needed, and the boundary metrics and counts equal
+    an in-memory run's."""
+    zarr = pytest.importorskip("zarr")
+    import fastseg_eval as fse
+    from fastseg_eval.engine import threads
+
+    rng = np.random.default_rng(4)
+    shape, chunk = (48, 40, 40), (8, 8, 8)
+    gt = np.zeros(shape, np.uint8)
+    for _ in range(30):
+        z, y, x = (int(rng.integers(0, s - 6)) for s in shape)
+        gt[z : z + 6, y : y + 5, x : x + 4] = rng.integers(1, 3)
+    pred = np.roll(gt, 1, axis=2)
+    paths = []
+    for name, a in (("gt", gt), ("pred", pred)):
+        z = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=shape, chunks=chunk, dtype=np.uint8, fill_value=0)
+        z[:] = a
+        paths.append(str(tmp_path / f"{name}.zarr"))
+    peak = {"bytes": 0}
+    real_room = threads._ChunkCache._room
+
+    def room(self, idx, nbytes, unit):
+        ok = real_room(self, idx, nbytes, unit)
+        kept = sum(a.nbytes for k, a in self.data.items() if k not in self.transient)
+        peak["bytes"] = max(peak["bytes"], kept + (nbytes if ok else 0))
+        return ok
+
+    monkeypatch.setattr(threads._ChunkCache, "_room", room)
+    monkeypatch.setattr(threads, "HALO_CACHE_BUDGET", 12 * 512)  # 12 chunks of 512 bytes per input
+    res = fse.evaluate(paths[1], paths[0], num_classes=3, metrics=["dice", "hd95", "assd", "nsd"], workers=2)
+    ref = fse.evaluate(pred, gt, num_classes=3, metrics=["dice", "hd95", "assd", "nsd"])
+    np.testing.assert_array_equal(res.confusion_matrix, ref.confusion_matrix)
+    for lab in (1, 2):
+        for m in ("hd95", "assd", "nsd"):
+            assert res.per_class[lab][m] == ref.per_class[lab][m], (lab, m)
+    total = res.timing["chunks_total"]["gt"]
+    assert res.timing["chunks_decoded"]["gt"] > total  # some chunks were decoded again
+    assert 0 < peak["bytes"] <= 12 * 512
