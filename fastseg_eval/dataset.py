@@ -474,6 +474,7 @@ def _run_case(spec: CaseSpec, kwargs: Mapping[str, Any], workers: int, progress:
     else:
         pv = open_volume(spec.pred, "pred", key=pred_key, level=kw.get("level"), storage_options=kw.get("storage_options"))
     per_gt = bool(kw.pop("instances_per_gt", False))
+    bregions = kw.pop("boundary_regions", None)
     res = api.evaluate(pv, gv, mask=spec.mask, workers=workers, progress=progress or False, **kw)
     inputs = {}
     for role, v in (("pred", pv), ("gt", gv)):
@@ -489,6 +490,7 @@ def _run_case(spec: CaseSpec, kwargs: Mapping[str, Any], workers: int, progress:
         m: [encode_float(v) for v in (table.column(m) if table is not None else [res.per_class[lab][m] for lab in res.labels.tolist()])]
         for m in bnames
     }
+    region_boundary = _region_boundary(pv, gv, bregions, bnames, res, kw, workers) if bregions and bnames else None
     record = {
         "case": spec.case,
         "pred": spec.pred_source,
@@ -498,10 +500,48 @@ def _run_case(spec: CaseSpec, kwargs: Mapping[str, Any], workers: int, progress:
         "inputs": inputs,
         "warnings": [_warning_text(w) for w in res.warnings],
         **({"boundary": boundary} if boundary else {}),
+        **({"region_boundary": region_boundary} if region_boundary else {}),
         **({"instances": instance_record(res.instances, per_gt)} if res.instances is not None else {}),
         "stamp": _stamps(spec),
     }
     return json.loads(json.dumps(record, sort_keys=True, allow_nan=False))  # exactly what a journal line gives back
+
+
+def _region_mask(vol: Any, members: Sequence[int]) -> Any:
+    """The region (voxels whose label is one of ``members``) of an opened input, as 0/1 labels:
+    computed chunk by chunk (dask) for a chunked store, in memory for an array already read."""
+    arr = vol.array
+    if vol.kind == "zarr":
+        import dask.array as da
+
+        arr = da.from_zarr(arr)
+    if vol.kind in ("zarr", "dask"):
+        import dask.array as da
+
+        return da.isin(arr, list(members)).astype(np.uint8)
+    return np.isin(np.asarray(arr), list(members)).astype(np.uint8)
+
+
+def _region_boundary(
+    pv: Any, gv: Any, regions: Sequence[Sequence[int]], bnames: Sequence[str], res: Any, kw: Mapping[str, Any],
+    workers: int,
+) -> dict[str, dict[str, Any]]:
+    """Distance metrics (hd95, ...) of each region's own surfaces, per region key (journal form).
+
+    A region's surface is that of the union of its labels (BraTS's whole tumour is one object,
+    not three): it is the surface of label 1 of the region's 0/1 masks, measured with the spacing
+    and convention of the case's labels.
+    """
+    opts = {k: kw[k] for k in ("surface", "hd_percentile", "nsd_tolerance", "empty_distance") if k in kw}
+    spacing = (res.options or {}).get("spacing")
+    out = {}
+    for members in regions:
+        r = api.evaluate(
+            _region_mask(pv, members), _region_mask(gv, members), num_classes=2, background_label=0,
+            metrics=list(bnames), spacing=spacing, workers=workers, **opts,
+        )  # fmt: skip
+        out[region_key(members)] = {m: encode_float(r.per_class[1][m]) for m in bnames}
+    return out
 
 
 def _case_task(spec: CaseSpec, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -745,6 +785,9 @@ def evaluate_dataset(
     if bnames:  # the journal keeps their per-case values: they must be computed the same way
         fingerprint["boundary_metrics"] = bnames
         fingerprint.update({k: _jsonish(evaluate_options.get(k)) for k in BOUNDARY_OPTIONS})
+        if region_list:  # distances of a region come from its own surfaces: computed per case
+            kwargs["boundary_regions"] = [list(r) for r in region_list]
+            fingerprint["boundary_regions"] = [region_key(r) for r in region_list]
     if not isinstance(instances_per_gt, (bool, np.bool_)):
         raise OptionError(f"instances_per_gt must be True or False, got {instances_per_gt!r}")
     if evaluate_options.get("instances"):  # the journal keeps each case's instance figures

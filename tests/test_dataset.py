@@ -867,3 +867,43 @@ def test_cli_instances_csv_over_cases(tmp_path):
     assert rows == want and len(rows) > 0
     bad = run_cli(pd, gd, "--instances-csv", str(tmp_path / "inst.txt"))
     assert bad.returncode == 2 and "must end in .csv" in bad.stderr
+
+
+@pytest.mark.filterwarnings("ignore:Please import `:DeprecationWarning")  # surface-distance's scipy imports
+def test_boundary_metrics_of_regions(tmp_path):
+    """Regions with distance metrics: each region's hd95 / assd / nsd are those of the union of its
+    labels (one surface per region, not a mix of its labels' values), equal to the surface-distance
+    package on the region masks with the dataset's spacing; aggregated over cases like the labels."""
+    sd = pytest.importorskip("surface_distance")
+    cases = make_cases(4, seed=41)
+    pd, gd, _ = write_nifti_dataset(tmp_path, cases)
+    spacing = (1.5, 1.0, 0.5)
+    regions = [(1, 2, 3), (2, 3), (3,)]
+    ds = fse.evaluate_dataset(pd, gd, regions=regions, metrics=["dice", "hd95", "assd", "nsd"], spacing=spacing, workers=2)
+    for (p, g), c in zip(cases, ds.per_case):
+        for r in regions:
+            gm, pm = np.isin(g, r), np.isin(p, r)
+            row = c.regions[str(r) if len(r) > 1 else f"({r[0]},)"]
+            if not gm.any() and not pm.any():
+                assert math.isnan(row["hd95"])
+                continue
+            if not gm.any() or not pm.any():
+                assert math.isinf(row["hd95"])
+                continue
+            s = sd.compute_surface_distances(gm, pm, spacing)
+            assert row["hd95"] == pytest.approx(sd.compute_robust_hausdorff(s, 95), abs=1e-9)
+            da, pa = s["distances_gt_to_pred"], s["surfel_areas_gt"]
+            db, pb = s["distances_pred_to_gt"], s["surfel_areas_pred"]
+            assert row["assd"] == pytest.approx((np.sum(da * pa) + np.sum(db * pb)) / (np.sum(pa) + np.sum(pb)), abs=1e-9)
+            assert row["nsd"] == pytest.approx(sd.compute_surface_dice_at_tolerance(s, 1.0), abs=1e-9)
+    key = "(2, 3)"
+    vals = [c.regions[key]["hd95"] for c in ds.per_case]
+    finite = [v for v in vals if not math.isnan(v)]
+    assert ds.aggregate[key]["hd95"]["n"] == len(finite)
+    d = json.loads(ds.to_json())
+    assert d["per_case"][0]["regions"][key]["hd95"] is not None or math.isnan(vals[0])
+    assert any(r["kind"] == "region" and r["hd95"] != "" for r in csv.DictReader(io.StringIO(ds.to_csv())))
+    journal = tmp_path / "j.jsonl"
+    fse.evaluate_dataset(pd, gd, regions=regions, metrics=["dice", "hd95"], spacing=spacing, resume=str(journal))
+    with pytest.raises(OptionError):  # other regions: the journal's region distances do not apply
+        fse.evaluate_dataset(pd, gd, regions=[(1,)], metrics=["dice", "hd95"], spacing=spacing, resume=str(journal))

@@ -301,12 +301,14 @@ def case_result(
     inputs: Mapping[str, Any] | None = None,
     warnings_: Sequence[str] = (),
     boundary: Mapping[str, Sequence[Any]] | None = None,
+    region_boundary: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> CaseResult:
     """One case's result over the dataset's ``labels`` (and ``regions``).
 
     ``boundary``: per metric (hd95, ...), the case's values in the order of ``counts.labels``
     (journal form: None for NaN, ``"inf"`` for infinity); a label the case lacks gets NaN (both
-    sides empty). Regions and the pooled result have count metrics only.
+    sides empty). ``region_boundary``: per region key, the distance metrics of the region's own
+    surfaces (journal form). The pooled result has count metrics only.
     """
     embedded = counts.embed(labels)
     extra: dict[str, Any] = {}
@@ -326,6 +328,9 @@ def case_result(
     base["warnings"] = list(warnings_)
     out = CaseResult(**base, case=case, pred_source=pred_source, gt_source=gt_source, counts=embedded)
     out.regions = region_rows(embedded, regions, [m for m in out.metrics if m in M.METRICS], metric_options)
+    for key, vals in (region_boundary or {}).items():
+        if key in out.regions:
+            out.regions[key].update({m: decode_float(v) for m, v in vals.items()})
     return out
 
 
@@ -779,7 +784,7 @@ def build_dataset_result(
         case_result(
             c, labels, regions, case=r["case"], pred_source=r.get("pred") or "", gt_source=r.get("gt") or "",
             metric_options=opts, inputs=r.get("inputs") or {}, warnings_=[_warning_of(w) for w in r.get("warnings") or ()],
-            boundary=r.get("boundary"),
+            boundary=r.get("boundary"), region_boundary=r.get("region_boundary"),
         )  # fmt: skip
         for r, c in zip(records, counts)
     ]
