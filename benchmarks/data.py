@@ -375,6 +375,18 @@ def cached_pair(spec: SegSpec) -> tuple[np.ndarray, np.ndarray, dict[str, np.nda
     return pred, gt, ref
 
 
+def _cached_meta(root: Path) -> dict[str, Any] | None:
+    """A data directory's ``meta.json`` (written last: the data are complete), else None with the
+    directory emptied, ready to be written."""
+    meta_path = root / "meta.json"
+    if meta_path.exists():
+        return json.loads(meta_path.read_text())
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    return None
+
+
 def ensure_zarr_pair(spec: SegSpec, chunks: int = 128, threads: int | None = None) -> dict[str, Any]:
     """Write ``spec`` as two zarr v3 arrays (default codec) once; later calls reuse the cache.
 
@@ -385,11 +397,9 @@ def ensure_zarr_pair(spec: SegSpec, chunks: int = 128, threads: int | None = Non
 
     root = data_dir() / f"{spec.tag()}-c{chunks}"
     meta_path = root / "meta.json"
-    if meta_path.exists():
-        return json.loads(meta_path.read_text())
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    done = _cached_meta(root)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     gen = _Generator(spec)
     c = tuple(min(chunks, n) for n in spec.shape)
@@ -439,11 +449,9 @@ def ensure_sparse_zarr_pair(n: int, core: int = 256, chunks: int = 128) -> dict[
 
     root = data_dir() / f"sparse-v1-K4-{n}-core{core}-c{chunks}"
     meta_path = root / "meta.json"
-    if meta_path.exists():
-        return json.loads(meta_path.read_text())
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    done = _cached_meta(root)
+    if done is not None:
+        return done
     spec = SegSpec((core, core, core), num_classes=4)
     pred, gt, ref = cached_pair(spec)
     for role, a in (("pred", pred), ("gt", gt)):

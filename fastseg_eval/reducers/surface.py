@@ -281,25 +281,31 @@ class SurfaceDistances:
         if win.dtype == np.bool_:
             win = win.view(np.uint8)
         kernel = K.voxel_surface if self.points == "voxels" else K.corner_surface
+        region = int(np.prod(np.maximum(np.asarray(hi) - np.asarray(lo), 0)))
+        (zyx, lab, code, own, table, ntab), n = self._points(
+            slot, max(1 << 12, region // 4),
+            lambda zyx, lab, code, own, table, ntab: kernel(win, lo, hi, olo, ohi, skip, table, ntab, zyx, lab, code, own),
+        )  # fmt: skip
+        return zyx[:n], table[: int(ntab[0])].copy(), lab[:n], code[:n], own[:n]
+
+    def _points(self, key: Any, cap: int, run: Any) -> tuple[tuple, int]:
+        """Run a surface kernel (``run(*buffers)`` -> points written, -2 when the buffers are full)
+        on this reducer's point buffers under ``key``, doubling them until it fits."""
         while True:
-            buf = self._buffers.get(slot)
+            buf = self._buffers.get(key)
             if buf is None:
-                region = int(np.prod(np.maximum(np.asarray(hi) - np.asarray(lo), 0)))
-                cap = max(1 << 12, region // 4)
-                buf = self._buffers[slot] = _point_buffers(cap)
-            zyx, lab, code, own, table, ntab = buf
-            ntab[0] = 0
-            n = kernel(win, lo, hi, olo, ohi, skip, table, ntab, zyx, lab, code, own)
-            if n == -2:  # outputs full: twice as large, and again
-                self._buffers[slot] = _point_buffers(2 * lab.shape[0], table, ntab)
-                continue
-            break
+                buf = self._buffers[key] = _point_buffers(cap)
+            buf[5][0] = 0  # the window's label table starts empty
+            n = run(*buf)
+            if n != -2:
+                break
+            self._buffers[key] = _point_buffers(2 * buf[1].shape[0], buf[4], buf[5])
         if n < 0:
             raise FastSegError(
                 f"more than {_WINDOW_LABELS} distinct labels in one block: boundary metrics are meant for "
                 "semantic labels, not instance ids"
             )
-        return zyx[:n], table[: int(ntab[0])].copy(), lab[:n], code[:n], own[:n]
+        return buf, n
 
     def extract_boxes(self, win: np.ndarray, boxes: np.ndarray):
         """Surface points of ``win`` inside ``boxes`` (window coordinates): coordinates, the label
@@ -308,25 +314,12 @@ class SurfaceDistances:
         if win.dtype == np.bool_:
             win = win.view(np.uint8)
         corners = self.points == "corners"
-        while True:
-            key = ("far", threading.get_ident())  # one buffer per thread of the far step
-            buf = self._buffers.get(key)
-            if buf is None:
-                cap = max(1 << 14, win.size // 8)
-                buf = self._buffers[key] = _point_buffers(cap)
-            zyx, lab, code, own, table, ntab = buf
-            ntab[0] = 0
-            n = K.surface_in_boxes(win, corners, boxes, skip, table, ntab, zyx, lab, code, own)
-            if n == -2:
-                del self._buffers[key]
-                self._buffers[key] = _point_buffers(2 * lab.shape[0], table, ntab)
-                continue
-            break
-        if n < 0:
-            raise FastSegError(
-                f"more than {_WINDOW_LABELS} distinct labels in one block: boundary metrics are meant for "
-                "semantic labels, not instance ids"
-            )
+        (zyx, lab, code, own, table, ntab), n = self._points(
+            ("far", threading.get_ident()), max(1 << 14, win.size // 8),  # one buffer per thread of the far step
+            lambda zyx, lab, code, own, table, ntab: K.surface_in_boxes(
+                win, corners, boxes, skip, table, ntab, zyx, lab, code, own
+            ),
+        )  # fmt: skip
         return zyx[:n], table[: int(ntab[0])].copy(), lab[:n]
 
     def _scratch(self, key: Any, n: int, dtype: Any) -> np.ndarray:
