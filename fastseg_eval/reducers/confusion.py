@@ -150,6 +150,7 @@ class ConfusionCounts:
         self._state = _padded_zeros(cpu.STATE_SIZE)
         self._raw8: np.ndarray | None = None  # discovery on 8-bit inputs: counts by raw value
         self._small_raw = True  # discovery: chunks so far held labels 0..3 only (bit-plane kernel)
+        self._fill_buffers: dict[str, np.ndarray] = {}  # unstored chunks beside stored ones, filled
         self._side: np.ndarray | None = None  # scratch of the flat kernel (zero between calls)
         self._alloc(kcap, dense)
         if fixed is not None:
@@ -295,8 +296,11 @@ class ConfusionCounts:
                     raise InputError(f"gt chunk shape {gt.shape} differs from pred chunk shape {pred.shape}")
                 self._add_constant(gt, pred, mask, offset)
                 return
-            gt, pred = np.ascontiguousarray(gt), np.ascontiguousarray(pred)  # one side stored: count it
-            mask = None if mask is None else np.ascontiguousarray(mask)
+            # one side stored: the other is filled into a buffer this accumulator reuses (a
+            # worker's accumulator sees one chunk at a time), as the reader would have filled it
+            gt, pred, mask = (
+                self._filled(a, role) if flag else a for a, role, flag in zip((gt, pred, mask), ("gt", "pred", "mask"), broadcast)
+            )
         mv = None if mask is None else _mask_view(mask)
         if self._prob is not None:
             pred = self._labels_from_probabilities(gt, pred, mv, offset)
@@ -314,6 +318,15 @@ class ConfusionCounts:
             e.args = (label_message(e.role, e.value, full, *self._config),)
             self._poisoned = str(e)
             raise
+
+    def _filled(self, a: np.ndarray, role: str) -> np.ndarray:
+        """A contiguous array holding broadcast ``a``'s one value, in a buffer kept per role."""
+        held = self._fill_buffers.get(role)
+        if held is None or held.dtype != a.dtype or held.size < a.size:
+            held = self._fill_buffers[role] = np.empty(a.size, dtype=a.dtype)
+        out = held[: a.size].reshape(a.shape)
+        out.fill(a.reshape(-1)[0])
+        return out
 
     def _add_constant(self, gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None, offset: Any) -> None:
         """Count a chunk pair that holds one value on each side: its first voxel, ``size`` times.
