@@ -22,7 +22,11 @@ Segmentations are mostly large uniform regions, dominated by one class. Rows are
 blocks of ``RUN`` voxels: when gt, pred (and mask) are each constant over a block, the block is
 resolved once. Equal consecutive pairs (whole blocks or single voxels) accumulate in a register
 (a run) that is added to the table only when the pair changes, so the dominant pair never
-serialises on one memory counter. Both are exact for any data.
+serialises on one memory counter. Both are exact for any data. Three kernels work on 64-bit
+words of contiguous 1- or 2-byte chunks: :func:`count_direct_flat` (labels ``0..K-1``, as
+above), :func:`count_words` (labels through the lookup table, a mixed word counted by distinct
+pair) and :func:`count_small` (labels ``0..3`` on 1 byte: no branch per word at all, counts from
+sums of ANDed bit planes).
 """
 
 from __future__ import annotations
