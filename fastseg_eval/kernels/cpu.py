@@ -32,7 +32,6 @@ sums of ANDed bit planes).
 from __future__ import annotations
 
 import numpy as np
-
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from fastseg_eval.kernels.jit import njit  # numba.njit, with the on-disk cache outside the package
