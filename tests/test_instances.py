@@ -334,25 +334,84 @@ def test_pair_order_equals_lexsort(high):
         np.testing.assert_array_equal(pair_order(g, p), np.lexsort((p, g)))
 
 
-def test_merge_into_an_empty_reducer_shares_the_table_until_a_write():
-    """Merging a partial into an empty reducer takes its table without copying; a later write to
-    either side must not show in the other."""
+def test_merged_tables_are_never_written_in_place():
+    """A merged partial is kept as a sorted run that may share its arrays with the partial's
+    table; later counting on either side, and later merges, must not show in the other."""
     rng = np.random.default_rng(21)
     gt, pred = instance_pair((4, 5, 70), 6, 12, rng)
     a = ContingencyCounts()
     a.add_chunk(gt[:2], pred[:2])
-    merged = ContingencyCounts().merge(a)
-    assert merged.table() == a.table()
+    ta = a.table()
+    merged = ContingencyCounts().merge(ta)
+    assert merged.table() == ta
     a.add_chunk(gt[2:], pred[2:])  # the partial goes on: the merged copy does not change
     assert_table(merged.table(), gt[:2], pred[:2])
-    merged.add_chunk(gt[2:3], pred[2:3])
+    merged.add_chunk(gt[2:3], pred[2:3])  # counted in the hash table, beside the run
     assert_table(a.table(), gt, pred)
     assert_table(merged.table(), gt[:3], pred[:3])
+    assert_table(ta, gt[:2], pred[:2])
+    merged.merge(ta)  # a second merge makes new arrays, not writes into ta's
+    assert_table(ta, gt[:2], pred[:2])
     b = ContingencyCounts()
     b.add_chunk(gt, pred)
-    both = ContingencyCounts().merge(b).merge(a)  # the second merge writes into the shared table
+    both = ContingencyCounts().merge(b).merge(a)  # reducers merge as their tables
     assert_table(b.table(), gt, pred)
     assert both.table() == b.table() + a.table()
+
+
+def test_run_and_hash_table_together():
+    """Counts merged in (a sorted run) and counted afterwards (the hash table) add up exactly:
+    in the table, in ``n_entries`` (distinct pairs, not the sum of both sides), through pickle."""
+    rng = np.random.default_rng(8)
+    gt, pred = instance_pair((6, 7, 90), 9, 15, rng)
+    r = ContingencyCounts()
+    for sl in (np.s_[:2], np.s_[4:]):
+        part = ContingencyCounts()
+        part.add_chunk(gt[sl], pred[sl])
+        r.merge(part.finish())
+    r.add_chunk(gt[2:4], pred[2:4])  # pairs seen before and new ones
+    assert_table(r.table(), gt, pred)
+    assert r.n_entries == len(r.table()) == len(np.unique(np.stack([gt.ravel(), pred.ravel()]), axis=1)[0])
+    back = pickle.loads(pickle.dumps(r))
+    assert back.table() == r.table() and back.n_entries == r.n_entries
+    back.add_chunk(gt[:1], pred[:1])
+    assert_table(back.table(), np.concatenate([gt, gt[:1]]), np.concatenate([pred, pred[:1]]))
+
+
+def test_state_of_an_older_version_in_slot_order_loads():
+    """A pickled reducer of an older version holds its entries in hash-slot order, without the
+    ``sorted`` flag: it is sorted when loaded."""
+    rng = np.random.default_rng(5)
+    gt, pred = instance_pair((3, 6, 40), 8, 12, rng)
+    r = ContingencyCounts(ignore_label=7)
+    r.add_chunk(gt, pred)
+    g, p, c = r._entries()  # slot order, as older versions pickled them
+    assert not np.array_equal(np.lexsort((p, g)), np.arange(len(g)))
+    old = {"ignore_label": 7, "gt": g, "pred": p, "counts": c, "n_ignored": r.n_ignored, "n_masked": 0,
+           "poisoned": None}  # fmt: skip
+    back = ContingencyCounts.__new__(ContingencyCounts)
+    back.__setstate__(old)
+    assert back.table() == r.table()
+
+
+@pytest.mark.parametrize("high", [50, 2**64 - 1])
+def test_merge_sorted_equals_numpy(high):
+    """The linear merge of two sorted tables: equal pairs add, order by (gt, pred) unsigned."""
+    from fastseg_eval.kernels.pairs import merge_sorted
+
+    rng = np.random.default_rng(high % 97)
+    for n1, n2 in ((0, 5), (5, 0), (1, 1), (300, 200), (1000, 3)):
+        t = []
+        for n in (n1, n2):
+            g = rng.integers(high - 40 if high > 50 else 0, high, size=n, dtype=np.uint64, endpoint=True)
+            p = rng.integers(0, 60, size=n, dtype=np.uint64) + np.uint64(high - 60 if high > 60 else 0)
+            t.append(ContingencyTable(g, p, rng.integers(1, 9, size=n)).raw())
+        (g1, p1, c1), (g2, p2, c2) = t
+        out = [np.empty(n1 + n2, dtype=d) for d in (np.uint64, np.uint64, np.int64)]
+        m = merge_sorted(g1, p1, c1, g2, p2, c2, *out)
+        want = ContingencyTable(np.r_[g1, g2], np.r_[p1, p2], np.r_[c1, c2]).raw()  # sort + sum
+        for got, w in zip(out, want):
+            np.testing.assert_array_equal(got[:m], w)
 
 
 def test_negative_ids_are_refused_with_the_position():

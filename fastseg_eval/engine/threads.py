@@ -436,12 +436,18 @@ def run_threads(
             if progress is not None:
                 progress(math.prod(b - a for a, b in unit))
 
+    def work_and_finish(crew: list[Any], units: Iterator[Region]) -> list[Any]:
+        # a worker finishes its reducers in its own thread: heavy finishes (sorting a contingency
+        # table, copying device counts back) run side by side, not one after the other
+        work(crew, units)
+        return [r.finish() for r in crew]
+
     work(crews[0], iter(empty))
     if workers == 1:
-        work(crews[0], units)
+        partials = [work_and_finish(crews[0], units)]
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="fastseg") as ex:
-            futures = [ex.submit(work, c, units) for c in crews]
+            futures = [ex.submit(work_and_finish, c, units) for c in crews]
             try:
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             except BaseException:  # KeyboardInterrupt: let the workers finish their unit and stop
@@ -453,10 +459,9 @@ def run_threads(
                     wait(futures)
                     raise f.exception()
             wait(futures)
-            for f in futures:
-                f.result()
-    # finish every worker before merging any: a late (CUDA) error must leave the reducers untouched
-    partials = [[r.finish() for r in crew] for crew in crews]
+            # every worker finished before any partial is merged: a late (CUDA) error leaves the
+            # reducers untouched
+            partials = [f.result() for f in futures]
     for crew in partials:
         for r, part in zip(reducers, crew):
             r.merge(part)

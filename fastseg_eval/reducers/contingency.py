@@ -130,11 +130,9 @@ class ContingencyTable:
         if not isinstance(other, ContingencyTable):
             raise TypeError(f"cannot merge a {type(other).__name__} into a ContingencyTable")
         _same_ignore(self.ignore_label, other.ignore_label)
-        g, p, c = _canonical(
-            np.concatenate([self._g, other._g]), np.concatenate([self._p, other._p]),
-            np.concatenate([self._c, other._c]),
-        )  # fmt: skip
-        self._g, self._p, self._c = g, p, c
+        run = _merge_runs((self._g, self._p, self._c), other.raw())
+        assert run is not None
+        self._g, self._p, self._c = run
         self.n_ignored += other.n_ignored
         self.n_masked += other.n_masked
         return self
@@ -199,7 +197,7 @@ class ContingencyCounts:
         self._table = np.zeros(3 * self._cap, dtype=np.uint64)
         self._state = np.zeros(pairs.STATE_SIZE, dtype=np.int64)
         self._flags: np.ndarray | None = None  # the kernel's scratch (row flags)
-        self._shared = False  # whether another reducer holds the same table (copied before a write)
+        self._run: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # sorted entries merged in
         self._poisoned: str | None = None
 
     # ---------------------------------------------------------------- the reducer protocol
@@ -213,36 +211,28 @@ class ContingencyCounts:
         mask = None if block.mask is None else block.mask[core]
         self.add_chunk(block.gt[core], block.pred[core], mask, offset=block.origin)
 
-    def finish(self) -> ContingencyCounts:
-        """The worker's partial: itself (merged by the engine)."""
-        return self
+    def finish(self) -> ContingencyTable:
+        """The worker's partial: its sorted table. The threads engine calls this in the worker's
+        own thread, so the workers sort their tables at the same time; partials then merge
+        linearly (:meth:`merge`)."""
+        return self.table()
 
-    def merge(self, other: ContingencyCounts) -> ContingencyCounts:
-        """Add the counts of ``other`` (a reducer, or a :class:`ContingencyTable`) exactly; returns ``self``."""
+    def merge(self, other: ContingencyCounts | ContingencyTable) -> ContingencyCounts:
+        """Add the counts of ``other`` (a :class:`ContingencyTable`, or a reducer) exactly; returns ``self``.
+
+        A table is kept as a sorted run beside the hash table, and the runs of later merges are
+        added to it by one linear merge each; nothing is hashed again. The run's arrays may be
+        those of ``other`` (never written in place, by either side).
+        """
         self._check_usable()
         if isinstance(other, ContingencyCounts):
-            other._check_usable()
-            _same_ignore(self.ignore_label, other.ignore_label)
-            if self.n_entries == 0 and other.n_entries > 0:  # the first partial: its table
-                self._table, self._cap = other._table, other._cap  # shared until either writes
-                self._shared = other._shared = True
-                self._state[pairs.ENTRIES] = other.n_entries
-                self._state[pairs.NIGNORED] += other.n_ignored
-                self._state[pairs.NMASKED] += other.n_masked
-                return self
-            g, p, c = other._entries()
-            n_ignored, n_masked = other.n_ignored, other.n_masked
-        elif isinstance(other, ContingencyTable):
-            _same_ignore(self.ignore_label, other.ignore_label)
-            g, p, c = other.raw()
-            n_ignored, n_masked = other.n_ignored, other.n_masked
-        else:
+            other = other.table()
+        elif not isinstance(other, ContingencyTable):
             raise TypeError(f"cannot merge a {type(other).__name__} into ContingencyCounts")
-        self._reserve(len(c))
-        self._own()
-        pairs.insert_entries(self._table, self._state, g, p, c.view(np.uint64))
-        self._state[pairs.NIGNORED] += n_ignored
-        self._state[pairs.NMASKED] += n_masked
+        _same_ignore(self.ignore_label, other.ignore_label)
+        self._run = _merge_runs(self._run, other.raw())
+        self._state[pairs.NIGNORED] += other.n_ignored
+        self._state[pairs.NMASKED] += other.n_masked
         return self
 
     # ---------------------------------------------------------------- counting
@@ -275,7 +265,6 @@ class ContingencyCounts:
         m_pieces = [((), _NO_MASK)] * len(as_3d(gv)) if mv is None else as_3d(mv)
         for (lead, g3), (_, p3), (_, m3) in zip(as_3d(gv), as_3d(pv), m_pieces):
             words = self._words(g3.shape[2])
-            self._own()
             start = 0
             while True:
                 if self._state[pairs.ENTRIES] >= pairs.max_entries(self._cap):
@@ -309,12 +298,6 @@ class ContingencyCounts:
                 "create a new one"
             )
 
-    def _own(self) -> None:
-        """Copy a table shared with another reducer (merged into an empty one) before writing to it."""
-        if self._shared:
-            self._table = self._table.copy()
-            self._shared = False
-
     def _words(self, n2: int) -> np.ndarray:
         """The kernel's scratch: byte flags of a row of ``n2`` voxels, as uint64 words."""
         if self._flags is None or len(self._flags) < n2 // 8 + 2:
@@ -328,13 +311,7 @@ class ContingencyCounts:
             cap *= 2
         new = np.zeros(3 * cap, dtype=np.uint64)
         pairs.rehash(self._table, new)
-        self._table, self._cap, self._shared = new, cap, False
-
-    def _reserve(self, extra: int) -> None:
-        """Room for ``extra`` more entries below the load limit."""
-        need = int(self._state[pairs.ENTRIES]) + extra
-        if need >= pairs.max_entries(self._cap):
-            self._grow(need)
+        self._table, self._cap = new, cap
 
     def _entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(gt uint64, pred uint64, counts int64) of the occupied slots, in slot order."""
@@ -360,17 +337,22 @@ class ContingencyCounts:
     @property
     def n_entries(self) -> int:
         """Distinct (gt, pred) pairs so far."""
-        return int(self._state[pairs.ENTRIES])
+        hashed = int(self._state[pairs.ENTRIES])
+        if self._run is None:
+            return hashed
+        return len(self._run[2]) if hashed == 0 else len(self.table())
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the hash table (what grows with the number of distinct pairs)."""
-        return int(self._table.nbytes)
+        """Bytes held by the hash table and the merged run (what grows with the number of distinct pairs)."""
+        return int(self._table.nbytes) + (0 if self._run is None else sum(int(a.nbytes) for a in self._run))
 
     def table(self) -> ContingencyTable:
         """The finished table: sorted COO arrays (see :class:`ContingencyTable`)."""
         self._check_usable()
         g, p, c = _canonical(*self._entries(), unique=True)
+        if self._run is not None:
+            g, p, c = _merge_runs(self._run, (g, p, c))
         return ContingencyTable(
             g, p, c, n_ignored=self.n_ignored, n_masked=self.n_masked, ignore_label=self.ignore_label,
             canonical=True,
@@ -378,16 +360,21 @@ class ContingencyCounts:
 
     # ---------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
-        g, p, c = self._entries()
+        if self._poisoned:
+            g, p, c = self._entries()  # what it holds, for the message; it cannot be used anyway
+        else:
+            g, p, c = self.table().raw()
         return {
-            "ignore_label": self.ignore_label, "gt": g, "pred": p, "counts": c,
+            "ignore_label": self.ignore_label, "gt": g, "pred": p, "counts": c, "sorted": not self._poisoned,
             "n_ignored": self.n_ignored, "n_masked": self.n_masked, "poisoned": self._poisoned,
         }  # fmt: skip
 
     def __setstate__(self, st: dict[str, Any]) -> None:
         self.__init__(st["ignore_label"])
-        self._reserve(len(st["counts"]))
-        pairs.insert_entries(self._table, self._state, st["gt"], st["pred"], st["counts"].view(np.uint64))
+        g, p, c = st["gt"], st["pred"], st["counts"]
+        if not st.get("sorted", False):  # written by an older version: entries in slot order
+            g, p, c = _canonical(g, p, c)
+        self._run = (g, p, c) if len(c) else None
         self._state[pairs.NIGNORED] = st["n_ignored"]
         self._state[pairs.NMASKED] = st["n_masked"]
         self._poisoned = st["poisoned"]
@@ -424,6 +411,23 @@ def _canonical(
         if (c < 0).any():
             raise InputError("contingency counts must be >= 0")
         g, p, c = g[keep], p[keep], c[keep]
+    return g, p, c
+
+
+def _merge_runs(
+    a: tuple[np.ndarray, np.ndarray, np.ndarray] | None, b: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Two sorted runs of unique pairs (``a`` may be None) as one, by a linear merge (new arrays
+    unless one run is empty: then the other itself)."""
+    if a is None or len(a[2]) == 0:
+        return b if len(b[2]) else a
+    if len(b[2]) == 0:
+        return a
+    n = len(a[2]) + len(b[2])
+    g, p, c = np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.int64)
+    m = pairs.merge_sorted(a[0], a[1], a[2], b[0], b[1], b[2], g, p, c)
+    if m < n:
+        g, p, c = g[:m].copy(), p[:m].copy(), c[:m].copy()
     return g, p, c
 
 
