@@ -45,14 +45,16 @@ def test_count_small_equals_numpy(k, n, seed, runs):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("where", [0, 7, 8, 2047, 2048 * 8 + 3])
+# block edges: cpu._BLOCK words (8 voxels each) per block, a last partial block, a tail of voxels
+@pytest.mark.parametrize("where", [0, 7, 8, 2047, 8 * 248 - 1, 8 * 248, 8 * 496 + 1, 2048 * 8 + 3])
 @pytest.mark.parametrize("side", ["gt", "pred"])
 def test_values_past_k_add_nothing(k, where, side):
-    n = 2048 * 8 + 5  # past several 255-word folds, with a tail
+    assert cpu._BLOCK == 248
+    n = 2048 * 8 + 5  # past several folds of 248 words, a partial block, a tail
     rng = np.random.default_rng(k)
     gt = rng.integers(0, k, size=n).astype(np.uint8)
     pred = rng.integers(0, k, size=n).astype(np.uint8)
-    (gt if side == "gt" else pred)[where] = k + (where % 200)
+    (gt if side == "gt" else pred)[where] = k + (where % 200)  # k, 2k-1, ... and values past 127 too
     acc = np.zeros(k * k, dtype=np.int64)
     assert not cpu.count_small(gt, pred, _words(gt), _words(pred), k, k, acc)
     assert not acc.any()

@@ -786,7 +786,7 @@ _LO7_8 = np.uint64(0x7F7F7F7F7F7F7F7F)
 _HI_8 = np.uint64(0x8080808080808080)
 _M16 = np.uint64(0x00FF00FF00FF00FF)
 _B16 = np.uint64(0x0001000100010001)
-_FLUSH = 255  # words summed into byte lanes before a lane could overflow
+_BLOCK = 248  # words summed into byte lanes at a time: at most 255 (a lane must not overflow), a multiple of 8
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -796,80 +796,110 @@ def _byte_sum(s):
     return np.int64((t * _B16) >> np.uint64(48))
 
 
-@njit(nogil=True, cache=True)
-def _plane_sums2(gw, pw, add, tot):
-    """Subset sums over bit planes (pred bit 0, gt bit 0) of labels < 2; see :func:`count_small`."""
+@njit(nogil=True, cache=True, inline="always")
+def _out_of_range(a, b, add, high, general):
+    """Nonzero when a byte lane of ``a`` or ``b`` holds a value ``>= k``: for ``k`` a power of two
+    the lanes' high bits (``high``: the bits at and above ``k``), else the carry of ``lane + add``
+    into the lane's top bit (``add = 0x80 - k`` in every lane)."""
+    if general:
+        return (a | ((a & _LO7_8) + add) | b | ((b & _LO7_8) + add)) & _HI_8
+    return (a | b) & high
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block2(gw, pw, w0, nwb, add, high, general, tot):
+    """Subset sums over bit planes (pred bit 0, gt bit 0) of words ``w0 .. w0 + nwb`` (labels < 2)."""
     bad = np.uint64(0)
-    n = gw.shape[0]
-    for w0 in range(0, n, _FLUSH):
-        s1 = np.uint64(0)
-        s4 = np.uint64(0)
-        s5 = np.uint64(0)
-        for w in range(w0, min(w0 + _FLUSH, n)):
-            a = gw[w]
-            b = pw[w]
-            bad |= (a | ((a & _LO7_8) + add) | b | ((b & _LO7_8) + add)) & _HI_8
-            q0 = b & _ONES
-            q2 = a & _ONES
-            s1 += q0
-            s4 += q2
-            s5 += q0 & q2
-        tot[1] += _byte_sum(s1)
-        tot[4] += _byte_sum(s4)
-        tot[5] += _byte_sum(s5)
-    return bad != 0
+    s1 = s4 = s5 = np.uint64(0)
+    for w in range(w0, w0 + nwb):
+        a = gw[w]
+        b = pw[w]
+        bad |= _out_of_range(a, b, add, high, general)
+        q0 = b & _ONES
+        q2 = a & _ONES
+        s1 += q0
+        s4 += q2
+        s5 += q0 & q2
+    tot[1] += _byte_sum(s1)
+    tot[4] += _byte_sum(s4)
+    tot[5] += _byte_sum(s5)
+    return bad
 
 
-@njit(nogil=True, cache=True)
-def _plane_sums4(gw, pw, add, tot):
-    """Subset sums over the bit planes (pred bit 0, pred bit 1, gt bit 0, gt bit 1) of labels < 4."""
+@njit(nogil=True, cache=True, inline="always")
+def _block4(gw, pw, w0, nwb, add, high, general, tot):
+    """Subset sums over the bit planes (pred bit 0, pred bit 1, gt bit 0, gt bit 1) of words
+    ``w0 .. w0 + nwb`` (labels < 4; ``nwb <= 255``, so that no byte lane overflows)."""
     one = np.uint64(1)
     bad = np.uint64(0)
+    s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = np.uint64(0)
+    s9 = s10 = s11 = s12 = s13 = s14 = s15 = np.uint64(0)
+    for w in range(w0, w0 + nwb):
+        a = gw[w]
+        b = pw[w]
+        bad |= _out_of_range(a, b, add, high, general)
+        q0 = b & _ONES
+        q1 = (b >> one) & _ONES
+        q2 = a & _ONES
+        q3 = (a >> one) & _ONES
+        t01 = q0 & q1
+        t02 = q0 & q2
+        t12 = q1 & q2
+        s1 += q0
+        s2 += q1
+        s3 += t01
+        s4 += q2
+        s5 += t02
+        s6 += t12
+        s7 += t01 & q2
+        s8 += q3
+        s9 += q0 & q3
+        s10 += q1 & q3
+        s11 += t01 & q3
+        s12 += q2 & q3
+        s13 += t02 & q3
+        s14 += t12 & q3
+        s15 += t01 & q2 & q3
+    tot[1] += _byte_sum(s1)
+    tot[2] += _byte_sum(s2)
+    tot[3] += _byte_sum(s3)
+    tot[4] += _byte_sum(s4)
+    tot[5] += _byte_sum(s5)
+    tot[6] += _byte_sum(s6)
+    tot[7] += _byte_sum(s7)
+    tot[8] += _byte_sum(s8)
+    tot[9] += _byte_sum(s9)
+    tot[10] += _byte_sum(s10)
+    tot[11] += _byte_sum(s11)
+    tot[12] += _byte_sum(s12)
+    tot[13] += _byte_sum(s13)
+    tot[14] += _byte_sum(s14)
+    tot[15] += _byte_sum(s15)
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def _plane_sums(gw, pw, k, tot):
+    """The subset sums of :func:`count_small` over all words, in blocks of :data:`_BLOCK` words
+    (a fixed trip count, a multiple of the vector width: the compiler leaves no scalar remainder
+    in a block; a remainder loop once cost a fifth of the time). Returns True when a value is ``>= k``."""
+    add = (np.uint64(0x80) - np.uint64(k)) * _ONES
+    high = (np.uint64(0x100) - np.uint64(k)) * _ONES  # the bits at and above k, when k is a power of two
     n = gw.shape[0]
-    for w0 in range(0, n, _FLUSH):
-        s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = np.uint64(0)
-        s9 = s10 = s11 = s12 = s13 = s14 = s15 = np.uint64(0)
-        for w in range(w0, min(w0 + _FLUSH, n)):
-            a = gw[w]
-            b = pw[w]
-            bad |= (a | ((a & _LO7_8) + add) | b | ((b & _LO7_8) + add)) & _HI_8
-            q0 = b & _ONES
-            q1 = (b >> one) & _ONES
-            q2 = a & _ONES
-            q3 = (a >> one) & _ONES
-            t01 = q0 & q1
-            t02 = q0 & q2
-            t12 = q1 & q2
-            s1 += q0
-            s2 += q1
-            s3 += t01
-            s4 += q2
-            s5 += t02
-            s6 += t12
-            s7 += t01 & q2
-            s8 += q3
-            s9 += q0 & q3
-            s10 += q1 & q3
-            s11 += t01 & q3
-            s12 += q2 & q3
-            s13 += t02 & q3
-            s14 += t12 & q3
-            s15 += t01 & q2 & q3
-        tot[1] += _byte_sum(s1)
-        tot[2] += _byte_sum(s2)
-        tot[3] += _byte_sum(s3)
-        tot[4] += _byte_sum(s4)
-        tot[5] += _byte_sum(s5)
-        tot[6] += _byte_sum(s6)
-        tot[7] += _byte_sum(s7)
-        tot[8] += _byte_sum(s8)
-        tot[9] += _byte_sum(s9)
-        tot[10] += _byte_sum(s10)
-        tot[11] += _byte_sum(s11)
-        tot[12] += _byte_sum(s12)
-        tot[13] += _byte_sum(s13)
-        tot[14] += _byte_sum(s14)
-        tot[15] += _byte_sum(s15)
+    full = n // _BLOCK * _BLOCK
+    bad = np.uint64(0)
+    if k == 3:
+        for w0 in range(0, full, _BLOCK):
+            bad |= _block4(gw, pw, w0, _BLOCK, add, high, True, tot)
+        bad |= _block4(gw, pw, full, n - full, add, high, True, tot)
+    elif k == 4:
+        for w0 in range(0, full, _BLOCK):
+            bad |= _block4(gw, pw, w0, _BLOCK, add, high, False, tot)
+        bad |= _block4(gw, pw, full, n - full, add, high, False, tot)
+    else:  # k = 1 or 2
+        for w0 in range(0, full, _BLOCK):
+            bad |= _block2(gw, pw, w0, _BLOCK, add, high, False, tot)
+        bad |= _block2(gw, pw, full, n - full, add, high, False, tot)
     return bad != 0
 
 
@@ -883,18 +913,13 @@ def count_small(g1, p1, gw, pw, k, kcap, acc):
     Each voxel's pair is the 4-bit code ``c = p + 4 g`` whose bits are planes of the words:
     ``pred & 0x01..01``, ``(pred >> 1) & 0x01..01``, the same for gt. Summing, for each subset S
     of the planes, the lanes where all planes of S are set (``T_S``: AND of planes, added into
-    byte lanes, folded every 255 words) gives every pair count by inclusion-exclusion:
+    byte lanes, folded every 248 words) gives every pair count by inclusion-exclusion:
     ``N_c = sum over S containing bits(c) of (-1)^|S - bits(c)| T_S``. Exact for any data, and
     the loop is the same for uniform and mixed words (the compiler vectorises it).
     """
     tot = np.zeros(16, dtype=np.int64)
-    add = (np.uint64(0x80) - np.uint64(k)) * _ONES  # a lane >= k reaches its top bit
     nw = gw.shape[0]
-    if k <= 2:
-        bad = _plane_sums2(gw, pw, add, tot)
-    else:
-        bad = _plane_sums4(gw, pw, add, tot)
-    if bad:
+    if _plane_sums(gw, pw, k, tot):
         return False
     tot[0] += 8 * nw
     for kk in range(8 * nw, g1.shape[0]):  # the last voxels, short of a word
