@@ -327,21 +327,41 @@ def _kill_a_worker_then_lose_the_scatter(client, monkeypatch, times: int) -> dic
     """The first ``times`` scatters: SIGKILL a worker, then fail as a scatter to it does."""
     from distributed.comm.core import CommClosedError
 
-    state = {"scatters": 0, "kills": 0}
+    state = {"scatters": 0, "kills": 0, "killed": set()}
     real_scatter = client.scatter
 
     def scatter(*args, **kwargs):
         state["scatters"] += 1
         if state["kills"] < times:
-            client.wait_for_workers(2, timeout=60)
+            _wait_for_replacements(client, state)
             pids = client.run(os.getpid)
-            os.kill(pids[sorted(pids)[0]], signal.SIGKILL)
+            pid = pids[sorted(pids)[0]]
+            os.kill(pid, signal.SIGKILL)
+            state["killed"].add(pid)
             state["kills"] += 1
             raise CommClosedError("in <TCP (closed) ConnectionPool.scatter>: Stream is closed")
         return real_scatter(*args, **kwargs)
 
     monkeypatch.setattr(client, "scatter", scatter)
     return state
+
+
+def _wait_for_replacements(client, state: dict, timeout: float = 60) -> None:
+    """Until both workers answer and none is one that was killed: the nannies have restarted
+    them. (The scheduler may still list a killed worker for a moment, so ``wait_for_workers``
+    alone can return while a nanny is still restarting, and closing the cluster then races it:
+    distributed fails with "can only join a started process".)"""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            pids = set(client.run(os.getpid, on_error="ignore").values())
+        except Exception:  # a worker in the scheduler's list is gone
+            pids = set()
+        pids = {p for p in pids if isinstance(p, int)}
+        if len(pids) == 2 and not pids & state["killed"]:
+            return
+        assert time.monotonic() < end, f"the killed workers were not replaced within {timeout} s"
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -361,7 +381,7 @@ def test_worker_lost_again_in_the_resubmitted_run_is_retried(slow_cluster, monke
     assert sum("re-submitting" in r.getMessage() for r in caplog.records) == 2
     ref = np.bincount(gt.ravel().astype(np.int64) * 4 + pred.ravel(), minlength=16).reshape(4, 4)
     np.testing.assert_array_equal(res.confusion_matrix, ref)
-    client.wait_for_workers(2, timeout=60)
+    _wait_for_replacements(client, state)
 
 
 @pytest.mark.slow
@@ -380,4 +400,4 @@ def test_workers_that_keep_dying_give_one_clear_error(slow_cluster, monkeypatch)
             fse.evaluate(gt, gt, num_classes=2, scheduler=client)
     assert state["scatters"] == 2  # the first run and one re-submission, as dask's limit says
     assert "allowed-failures" in str(info.value) and "\n" not in str(info.value)
-    client.wait_for_workers(2, timeout=60)
+    _wait_for_replacements(client, state)
