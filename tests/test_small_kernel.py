@@ -1,10 +1,12 @@
 """The bit-plane kernel for labels 0..3 (``kernels.cpu.count_small``): one code path for every
-word, counts recovered from sums of ANDed bit planes by inclusion-exclusion.
+block of 64 voxels, counts recovered from popcounts of ANDed bit-plane masks by
+inclusion-exclusion.
 
 Checked against numpy for K = 1..4 on random data (every pair code in every lane), on
-uniform runs, on lengths that are not whole words and past the 255-word folding of the byte
-lanes; values past K must add nothing and hand the chunk to the word kernel, which reports
-the first one; discovery on 8-bit labels uses it while labels stay below 4.
+uniform runs, on lengths that are not whole blocks; values past K (in any lane of a block, in
+the tail) must add nothing and hand the chunk to the word kernel, which reports the first one;
+discovery on 8-bit labels uses it while labels stay below 4. The two LLVM intrinsics it is made
+of (``kernels.simd``) are checked on their own against numpy.
 """
 
 from __future__ import annotations
@@ -17,11 +19,6 @@ from hypothesis import strategies as st
 import fastseg_eval as fse
 from fastseg_eval.errors import LabelError
 from fastseg_eval.kernels import cpu
-
-
-def _words(a: np.ndarray) -> np.ndarray:
-    n = a.size // 8
-    return a.view(np.uint8)[: n * 8].view(np.uint64)
 
 
 def _numpy(gt, pred, k):
@@ -40,23 +37,22 @@ def test_count_small_equals_numpy(k, n, seed, runs):
     gt = np.repeat(rng.integers(0, k, size=n // runs + 1), runs)[:n].astype(np.uint8)
     pred = np.where(rng.random(n) < 0.8, gt, rng.integers(0, k, size=n)).astype(np.uint8)
     acc = np.zeros(k * k, dtype=np.int64)
-    assert cpu.count_small(gt, pred, _words(gt), _words(pred), k, k, acc)
+    assert cpu.count_small(gt, pred, k, k, acc)
     np.testing.assert_array_equal(acc.reshape(k, k), _numpy(gt, pred, k))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-# block edges: cpu._BLOCK words (8 voxels each) per block, a last partial block, a tail of voxels
-@pytest.mark.parametrize("where", [0, 7, 8, 2047, 8 * 248 - 1, 8 * 248, 8 * 496 + 1, 2048 * 8 + 3])
+# first and last lane of a 64-voxel block, inside blocks, and in the tail past the last block
+@pytest.mark.parametrize("where", [0, 7, 8, 63, 64, 2047, 2048 * 8 + 3])
 @pytest.mark.parametrize("side", ["gt", "pred"])
 def test_values_past_k_add_nothing(k, where, side):
-    assert cpu._BLOCK == 248
-    n = 2048 * 8 + 5  # past several folds of 248 words, a partial block, a tail
+    n = 2048 * 8 + 5  # 256 blocks of 64 voxels and a tail of 5
     rng = np.random.default_rng(k)
     gt = rng.integers(0, k, size=n).astype(np.uint8)
     pred = rng.integers(0, k, size=n).astype(np.uint8)
     (gt if side == "gt" else pred)[where] = k + (where % 200)  # k, 2k-1, ... and values past 127 too
     acc = np.zeros(k * k, dtype=np.int64)
-    assert not cpu.count_small(gt, pred, _words(gt), _words(pred), k, k, acc)
+    assert not cpu.count_small(gt, pred, k, k, acc)
     assert not acc.any()
 
 
@@ -66,7 +62,7 @@ def test_every_pair_in_every_lane():
     for shift in range(8):
         g, p = np.roll(gt, shift), np.roll(pred, shift)
         acc = np.zeros(16, dtype=np.int64)
-        assert cpu.count_small(g, p, _words(g), _words(p), 4, 4, acc)
+        assert cpu.count_small(g, p, 4, 4, acc)
         np.testing.assert_array_equal(acc, np.full(16, 8))
 
 
@@ -102,3 +98,23 @@ def test_invalid_label_reported_at_its_voxel():
     with pytest.raises(LabelError) as e:
         fse.confusion_matrix(pred, gt, num_classes=4)
     assert tuple(e.value.position) == (2, 5, 7) and int(e.value.value) == 6
+
+
+def test_lane_mask64_and_popcount_equal_numpy():
+    """The two intrinsics against numpy: every byte value, every bit pattern, unaligned starts."""
+    from numba import njit
+
+    from fastseg_eval.kernels.simd import lane_mask64, popcount
+
+    @njit
+    def masks(a, pos, bits):
+        return lane_mask64(a, pos, bits), popcount(lane_mask64(a, pos, bits))
+
+    rng = np.random.default_rng(3)
+    a = np.concatenate([np.arange(256, dtype=np.uint8), rng.integers(0, 256, size=300, dtype=np.uint8)])
+    weights = np.uint64(1) << np.arange(64, dtype=np.uint64)
+    for bits in (1, 2, 3, 0x80, 0xFC, 0xFE, 0xFF):
+        for pos in (0, 1, 63, 64, 129, len(a) - 64):
+            want = int(((a[pos : pos + 64] & bits) != 0).astype(np.uint64) @ weights)
+            got, count = masks(a, pos, bits)
+            assert int(got) == want and count == bin(want).count("1"), (bits, pos)

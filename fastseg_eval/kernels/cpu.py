@@ -35,6 +35,7 @@ import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from fastseg_eval.kernels.jit import njit  # numba.njit, with the on-disk cache outside the package
+from fastseg_eval.kernels.simd import lane_mask64, popcount
 
 LUT_SIZE = 1 << 16  # label values below this map through a direct lookup table
 _LUT_SIZE_U = np.uint64(LUT_SIZE)
@@ -781,148 +782,146 @@ def count_direct_flat(
 
 # ----------------------------------------------------------------- K <= 4: bit planes, no branches
 SMALL_K = 4  # largest label count the bit-plane kernel counts (two bits per label)
-_ONES = np.uint64(0x0101010101010101)
-_LO7_8 = np.uint64(0x7F7F7F7F7F7F7F7F)
-_HI_8 = np.uint64(0x8080808080808080)
-_M16 = np.uint64(0x00FF00FF00FF00FF)
-_B16 = np.uint64(0x0001000100010001)
-_BLOCK = 248  # words summed into byte lanes at a time: at most 255 (a lane must not overflow), a multiple of 8
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _byte_sum(s):
-    """Sum of the 8 byte lanes of ``s`` (each <= 255)."""
-    t = (s & _M16) + ((s >> np.uint64(8)) & _M16)
-    return np.int64((t * _B16) >> np.uint64(48))
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _out_of_range(a, b, add, high, general):
-    """Nonzero when a byte lane of ``a`` or ``b`` holds a value ``>= k``: for ``k`` a power of two
-    the lanes' high bits (``high``: the bits at and above ``k``), else the carry of ``lane + add``
-    into the lane's top bit (``add = 0x80 - k`` in every lane)."""
-    if general:
-        return (a | ((a & _LO7_8) + add) | b | ((b & _LO7_8) + add)) & _HI_8
-    return (a | b) & high
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _block2(gw, pw, w0, nwb, add, high, general, tot):
-    """Subset sums over bit planes (pred bit 0, gt bit 0) of words ``w0 .. w0 + nwb`` (labels < 2)."""
-    bad = np.uint64(0)
-    s1 = s4 = s5 = np.uint64(0)
-    for w in range(w0, w0 + nwb):
-        a = gw[w]
-        b = pw[w]
-        bad |= _out_of_range(a, b, add, high, general)
-        q0 = b & _ONES
-        q2 = a & _ONES
-        s1 += q0
-        s4 += q2
-        s5 += q0 & q2
-    tot[1] += _byte_sum(s1)
-    tot[4] += _byte_sum(s4)
-    tot[5] += _byte_sum(s5)
-    return bad
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _block4(gw, pw, w0, nwb, add, high, general, tot):
-    """Subset sums over the bit planes (pred bit 0, pred bit 1, gt bit 0, gt bit 1) of words
-    ``w0 .. w0 + nwb`` (labels < 4; ``nwb <= 255``, so that no byte lane overflows)."""
-    one = np.uint64(1)
-    bad = np.uint64(0)
-    s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = np.uint64(0)
-    s9 = s10 = s11 = s12 = s13 = s14 = s15 = np.uint64(0)
-    for w in range(w0, w0 + nwb):
-        a = gw[w]
-        b = pw[w]
-        bad |= _out_of_range(a, b, add, high, general)
-        q0 = b & _ONES
-        q1 = (b >> one) & _ONES
-        q2 = a & _ONES
-        q3 = (a >> one) & _ONES
-        t01 = q0 & q1
-        t02 = q0 & q2
-        t12 = q1 & q2
-        s1 += q0
-        s2 += q1
-        s3 += t01
-        s4 += q2
-        s5 += t02
-        s6 += t12
-        s7 += t01 & q2
-        s8 += q3
-        s9 += q0 & q3
-        s10 += q1 & q3
-        s11 += t01 & q3
-        s12 += q2 & q3
-        s13 += t02 & q3
-        s14 += t12 & q3
-        s15 += t01 & q2 & q3
-    tot[1] += _byte_sum(s1)
-    tot[2] += _byte_sum(s2)
-    tot[3] += _byte_sum(s3)
-    tot[4] += _byte_sum(s4)
-    tot[5] += _byte_sum(s5)
-    tot[6] += _byte_sum(s6)
-    tot[7] += _byte_sum(s7)
-    tot[8] += _byte_sum(s8)
-    tot[9] += _byte_sum(s9)
-    tot[10] += _byte_sum(s10)
-    tot[11] += _byte_sum(s11)
-    tot[12] += _byte_sum(s12)
-    tot[13] += _byte_sum(s13)
-    tot[14] += _byte_sum(s14)
-    tot[15] += _byte_sum(s15)
-    return bad
+_BATCH = 64  # blocks of 64 voxels whose plane masks are made before they are counted
 
 
 @njit(nogil=True, cache=True)
-def _plane_sums(gw, pw, k, tot):
-    """The subset sums of :func:`count_small` over all words, in blocks of :data:`_BLOCK` words
-    (a fixed trip count, a multiple of the vector width: the compiler leaves no scalar remainder
-    in a block; a remainder loop once cost a fifth of the time). Returns True when a value is ``>= k``."""
-    add = (np.uint64(0x80) - np.uint64(k)) * _ONES
-    high = (np.uint64(0x100) - np.uint64(k)) * _ONES  # the bits at and above k, when k is a power of two
-    n = gw.shape[0]
-    full = n // _BLOCK * _BLOCK
+def _mask_sums2(g1, p1, nb, high, tot):
+    """Subset sums of the planes (pred bit 0, gt bit 0) over ``nb`` blocks of 64 voxels (labels
+    < 2); True when a lane has a bit of ``high`` set (a value ``>= k``). In batches, as
+    :func:`_mask_sums4`."""
+    one = np.uint64(1)
     bad = np.uint64(0)
-    if k == 3:
-        for w0 in range(0, full, _BLOCK):
-            bad |= _block4(gw, pw, w0, _BLOCK, add, high, True, tot)
-        bad |= _block4(gw, pw, full, n - full, add, high, True, tot)
-    elif k == 4:
-        for w0 in range(0, full, _BLOCK):
-            bad |= _block4(gw, pw, w0, _BLOCK, add, high, False, tot)
-        bad |= _block4(gw, pw, full, n - full, add, high, False, tot)
-    else:  # k = 1 or 2
-        for w0 in range(0, full, _BLOCK):
-            bad |= _block2(gw, pw, w0, _BLOCK, add, high, False, tot)
-        bad |= _block2(gw, pw, full, n - full, add, high, False, tot)
+    m0 = np.empty(_BATCH, dtype=np.uint64)
+    m2 = np.empty(_BATCH, dtype=np.uint64)
+    t1 = t4 = t5 = 0
+    for b0 in range(0, nb, _BATCH):
+        nbb = min(_BATCH, nb - b0)
+        for q in range(nbb):
+            pos = (b0 + q) * 64
+            m0[q] = lane_mask64(p1, pos, one)
+            m2[q] = lane_mask64(g1, pos, one)
+            bad |= lane_mask64(g1, pos, high) | lane_mask64(p1, pos, high)
+        for q in range(nbb):
+            q0 = m0[q]
+            q2 = m2[q]
+            t1 += popcount(q0)
+            t4 += popcount(q2)
+            t5 += popcount(q0 & q2)
+    tot[1] += t1
+    tot[4] += t4
+    tot[5] += t5
     return bad != 0
 
 
 @njit(nogil=True, cache=True)
-def count_small(g1, p1, gw, pw, k, kcap, acc):
-    """Count a C-contiguous 1-D chunk of 1-byte labels ``0..k-1`` (``k <= 4``) into the dense
-    table ``acc`` (``kcap`` columns), without a branch per voxel or per word; no mask, no ignore
-    label. Returns False, having added nothing, when a value is ``>= k`` (the caller then counts
-    the chunk with :func:`count_direct_flat`, which reports the first such voxel).
+def _mask_sums4(g1, p1, nb, three, tot):
+    """Subset sums of the planes (pred bit 0, pred bit 1, gt bit 0, gt bit 1) over ``nb`` blocks
+    of 64 voxels (labels < 4, or < 3 with ``three``); True when a value is out of range.
 
-    Each voxel's pair is the 4-bit code ``c = p + 4 g`` whose bits are planes of the words:
-    ``pred & 0x01..01``, ``(pred >> 1) & 0x01..01``, the same for gt. Summing, for each subset S
-    of the planes, the lanes where all planes of S are set (``T_S``: AND of planes, added into
-    byte lanes, folded every 248 words) gives every pair count by inclusion-exclusion:
+    In batches of :data:`_BATCH` blocks: first the four plane masks of each block (vector tests,
+    kept in four small arrays), then the ANDs and popcounts over the batch, a loop the compiler
+    vectorises (``vpopcntq`` where the machine has it). Counting block by block instead kept 15
+    scalar counters live and spilled them: half the speed (5.4 against 11 Gvoxel/s on one core
+    in cache).
+    """
+    one = np.uint64(1)
+    two = np.uint64(2)
+    high = np.uint64(0xFC)
+    bad = np.uint64(0)
+    m0 = np.empty(_BATCH, dtype=np.uint64)
+    m1 = np.empty(_BATCH, dtype=np.uint64)
+    m2 = np.empty(_BATCH, dtype=np.uint64)
+    m3 = np.empty(_BATCH, dtype=np.uint64)
+    t1 = t2 = t3 = t4 = t5 = t6 = t7 = t8 = t9 = t10 = t11 = t12 = t13 = t14 = t15 = 0
+    for b0 in range(0, nb, _BATCH):
+        nbb = min(_BATCH, nb - b0)
+        for q in range(nbb):
+            pos = (b0 + q) * 64
+            q0 = lane_mask64(p1, pos, one)
+            q1 = lane_mask64(p1, pos, two)
+            q2 = lane_mask64(g1, pos, one)
+            q3 = lane_mask64(g1, pos, two)
+            out = lane_mask64(g1, pos, high) | lane_mask64(p1, pos, high)
+            if three:  # the value 3: both low bits set
+                out |= (q0 & q1) | (q2 & q3)
+            bad |= out
+            m0[q] = q0
+            m1[q] = q1
+            m2[q] = q2
+            m3[q] = q3
+        for q in range(nbb):
+            q0 = m0[q]
+            q1 = m1[q]
+            q2 = m2[q]
+            q3 = m3[q]
+            u01 = q0 & q1
+            u02 = q0 & q2
+            u12 = q1 & q2
+            u23 = q2 & q3
+            t1 += popcount(q0)
+            t2 += popcount(q1)
+            t3 += popcount(u01)
+            t4 += popcount(q2)
+            t5 += popcount(u02)
+            t6 += popcount(u12)
+            t7 += popcount(u01 & q2)
+            t8 += popcount(q3)
+            t9 += popcount(q0 & q3)
+            t10 += popcount(q1 & q3)
+            t11 += popcount(u01 & q3)
+            t12 += popcount(u23)
+            t13 += popcount(u02 & q3)
+            t14 += popcount(u12 & q3)
+            t15 += popcount(u01 & u23)
+    tot[1] += t1
+    tot[2] += t2
+    tot[3] += t3
+    tot[4] += t4
+    tot[5] += t5
+    tot[6] += t6
+    tot[7] += t7
+    tot[8] += t8
+    tot[9] += t9
+    tot[10] += t10
+    tot[11] += t11
+    tot[12] += t12
+    tot[13] += t13
+    tot[14] += t14
+    tot[15] += t15
+    return bad != 0
+
+
+@njit(nogil=True, cache=True)
+def count_small(g1, p1, k, kcap, acc):
+    """Count a C-contiguous 1-D chunk of 1-byte labels ``0..k-1`` (``k <= 4``) into the dense
+    table ``acc`` (``kcap`` columns), without a branch per voxel; no mask, no ignore label.
+    Returns False, having added nothing, when a value is ``>= k`` (the caller then counts the
+    chunk with :func:`count_direct_flat`, which reports the first such voxel).
+
+    Each voxel's pair is the 4-bit code ``c = p + 4 g``, whose bits are the planes pred bit 0,
+    pred bit 1, gt bit 0, gt bit 1. For 64 voxels at a time, each plane becomes one 64-bit mask
+    (:func:`~fastseg_eval.kernels.simd.lane_mask64`: one vector test per plane). Counting, for
+    each subset S of the planes, the voxels where all planes of S are set (``T_S``: popcount of
+    the AND of their masks) gives every pair count by inclusion-exclusion:
     ``N_c = sum over S containing bits(c) of (-1)^|S - bits(c)| T_S``. Exact for any data, and
-    the loop is the same for uniform and mixed words (the compiler vectorises it).
+    the same work for uniform and mixed blocks. (Summing the planes in byte lanes of 64-bit
+    words instead, as before, took about 40 vector operations per 64 voxels and stalled on
+    memory: 2.7 Gvoxel/s on one core from RAM, against 9.4 now.)
     """
     tot = np.zeros(16, dtype=np.int64)
-    nw = gw.shape[0]
-    if _plane_sums(gw, pw, k, tot):
+    n = g1.shape[0]
+    nb = n // 64
+    if k <= 2:
+        bad = _mask_sums2(g1, p1, nb, np.uint64(0x100 - k), tot)
+    else:
+        bad = _mask_sums4(g1, p1, nb, k == 3, tot)
+    if bad:
         return False
-    tot[0] += 8 * nw
-    for kk in range(8 * nw, g1.shape[0]):  # the last voxels, short of a word
+    tot[0] += 64 * nb
+    for kk in range(64 * nb, n):  # the last voxels, short of a block
         g = np.int64(g1[kk])
         p = np.int64(p1[kk])
         if g >= k or p >= k:
@@ -934,11 +933,11 @@ def count_small(g1, p1, gw, pw, k, kcap, acc):
     for g in range(k):
         for p in range(k):
             c = p + 4 * g
-            n = np.int64(0)
+            cnt = np.int64(0)
             for s in range(16):
                 if s & c == c:
                     bits = s ^ c
                     odd = ((bits & 1) + ((bits >> 1) & 1) + ((bits >> 2) & 1) + ((bits >> 3) & 1)) & 1
-                    n += -tot[s] if odd else tot[s]
-            acc[g * kcap + p] += n
+                    cnt += -tot[s] if odd else tot[s]
+            acc[g * kcap + p] += cnt
     return True

@@ -481,7 +481,7 @@ class ConfusionCounts:
                     g1.itemsize == 1 and mv is None and not has_ignore and small <= cpu.SMALL_K
                     and (not raw or self._small_raw)
                 ):  # fmt: skip
-                    if cpu.count_small(g1, p1, _words(g1, nwords), _words(p1, nwords), small, k, acc):
+                    if cpu.count_small(g1, p1, small, k, acc):
                         return
                     if raw:  # labels past 3: stop trying on this accumulator's chunks
                         self._small_raw = False
