@@ -266,6 +266,36 @@ def test_kernel_grows_and_resumes_from_a_tiny_table(monkeypatch):
     assert_table(r.table(), gt, pred, mask, int(gt[0, 0, 0]))
 
 
+@pytest.mark.parametrize("spill_cap", [4, 64])
+def test_full_tables_spill_into_sorted_runs(monkeypatch, spill_cap):
+    """Past ``_SPILL_CAP`` slots a full table is sorted into a run and cleared instead of grown:
+    pairs seen before and after a spill add up exactly; runs stay few (each at least twice the
+    next); merging, pickling and counting on afterwards keep every count."""
+    from fastseg_eval.reducers import contingency as C
+
+    monkeypatch.setattr(C, "_INITIAL_CAP", 2)
+    monkeypatch.setattr(C, "_SPILL_CAP", spill_cap)
+    rng = np.random.default_rng(spill_cap)
+    gt = rng.integers(0, 30, size=(7, 9, 31)).astype(np.uint64) * np.uint64(2**58 + 1)
+    pred = rng.integers(0, 30, size=gt.shape).astype(np.uint16)
+    mask = rng.random(gt.shape) < 0.9
+    r = ContingencyCounts(ignore_label=int(gt[0, 0, 0]))
+    r.add_chunk(gt[:4], pred[:4], mask[:4])
+    assert len(r._runs) >= 1 and r._cap == spill_cap  # it spilled, and never grew past the cap
+    sizes = [len(run[2]) for run in r._runs]
+    assert all(a > 2 * b for a, b in zip(sizes, sizes[1:])), sizes
+    other = ContingencyCounts(ignore_label=int(gt[0, 0, 0]))
+    other.add_chunk(gt[4:], pred[4:], mask[4:])
+    r.merge(pickle.loads(pickle.dumps(other)))
+    assert_table(r.table(), gt, pred, mask, int(gt[0, 0, 0]))
+    keys = np.stack([gt[mask].ravel(), pred[mask].astype(np.uint64).ravel()])[:, gt[mask].ravel() != gt[0, 0, 0]]
+    assert r.n_entries == len(np.unique(keys, axis=1)[0])
+    r.add_chunk(gt[:1], pred[:1], mask[:1])  # counts go on after spills and merges
+    both = (np.concatenate([gt, gt[:1]]), np.concatenate([pred, pred[:1]]), np.concatenate([mask, mask[:1]]))
+    assert_table(r.table(), *both, int(gt[0, 0, 0]))
+    assert_table(pickle.loads(pickle.dumps(r)).table(), *both, int(gt[0, 0, 0]))
+
+
 @pytest.mark.parametrize("n2", [1, 2, 8, 63, 64, 65, 66, 127, 128, 129, 200, 1000])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_rows_of_any_length_and_runs_across_rows(n2, with_mask):

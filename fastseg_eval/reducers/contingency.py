@@ -25,6 +25,13 @@ from fastseg_eval.reducers.base import Block
 from fastseg_eval.reducers.confusion import as_3d
 
 _INITIAL_CAP = 1 << 10
+_SPILL_CAP = 1 << 17
+"""Slots past which a full hash table is not grown but spilled: its entries are sorted and merged
+into the reducer's sorted runs (24 bytes an entry, against 48 to 96 in a table at most half
+full), and the table is cleared and used again. Memory then follows the distinct pairs at the
+runs' 24 bytes each, the table stays a fixed 3 MiB that caches keep, and every pair still adds
+exactly: merges sum equal pairs. Measured on 1024**3 uint64 ids (752k pairs), 2 workers: peak
+RSS 331 MiB against 368 MiB growing the table; no slower on 512**3."""
 _NO_MASK = np.ones((1, 1, 1), dtype=np.uint8)
 _TOP_BIT = np.uint64(1 << 63)
 
@@ -197,7 +204,9 @@ class ContingencyCounts:
         self._table = np.zeros(3 * self._cap, dtype=np.uint64)
         self._state = np.zeros(pairs.STATE_SIZE, dtype=np.int64)
         self._flags: np.ndarray | None = None  # the kernel's scratch (row flags)
-        self._run: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # sorted entries merged in
+        # sorted entries merged in or spilled, as runs each at least twice the size of the next
+        # (merged when not, so that spilling many times costs n log n, not n**2)
+        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._poisoned: str | None = None
 
     # ---------------------------------------------------------------- the reducer protocol
@@ -214,14 +223,54 @@ class ContingencyCounts:
     def finish(self) -> ContingencyTable:
         """The worker's partial: its sorted table. The threads engine calls this in the worker's
         own thread, so the workers sort their tables at the same time; partials then merge
-        linearly (:meth:`merge`)."""
+        linearly (:meth:`merge`).
+
+        The counts move from the hash table into a sorted run, and the hash table, the largest
+        piece (at least twice the entries' size), is let go before sorting: both workers sort
+        at once, and their peaks add up. The reducer stays usable (later counts go to a new
+        hash table)."""
+        self._check_usable()
+        self._add_run(_canonical(*self._take_entries(), unique=True))
         return self.table()
+
+    def _take_entries(self, keep: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The hash table's entries (as :meth:`_entries`), leaving an empty table behind: the
+        same one cleared (``keep``), else a new small one."""
+        entries = self._entries()
+        if keep:
+            self._table[:] = 0
+        else:
+            self._cap = _INITIAL_CAP
+            self._table = np.zeros(3 * self._cap, dtype=np.uint64)
+        self._state[pairs.ENTRIES] = 0
+        return entries
+
+    def _spill(self) -> None:
+        """Move the full hash table's entries into the sorted run; the table is cleared for reuse."""
+        self._add_run(_canonical(*self._take_entries(keep=True), unique=True))
+
+    def _add_run(self, run: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Keep a sorted run of unique pairs; merge the last runs while one is not at least twice
+        the size of the next (a binary counter: each entry is merged O(log n) times)."""
+        if len(run[2]) == 0:
+            return
+        self._runs.append(run)
+        while len(self._runs) > 1 and len(self._runs[-2][2]) <= 2 * len(self._runs[-1][2]):
+            last = self._runs.pop()
+            self._runs[-1] = _merge_runs(self._runs[-1], last)  # type: ignore[assignment]
+
+    def _one_run(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """All runs merged into one (kept so), or None when there is none."""
+        while len(self._runs) > 1:
+            last = self._runs.pop()
+            self._runs[-1] = _merge_runs(self._runs[-1], last)  # type: ignore[assignment]
+        return self._runs[0] if self._runs else None
 
     def merge(self, other: ContingencyCounts | ContingencyTable) -> ContingencyCounts:
         """Add the counts of ``other`` (a :class:`ContingencyTable`, or a reducer) exactly; returns ``self``.
 
-        A table is kept as a sorted run beside the hash table, and the runs of later merges are
-        added to it by one linear merge each; nothing is hashed again. The run's arrays may be
+        A table is kept as a sorted run beside the hash table; runs are added by linear merges
+        (:meth:`_add_run`); nothing is hashed again. The run's arrays may be
         those of ``other`` (never written in place, by either side).
         """
         self._check_usable()
@@ -230,7 +279,7 @@ class ContingencyCounts:
         elif not isinstance(other, ContingencyTable):
             raise TypeError(f"cannot merge a {type(other).__name__} into ContingencyCounts")
         _same_ignore(self.ignore_label, other.ignore_label)
-        self._run = _merge_runs(self._run, other.raw())
+        self._add_run(other.raw())
         self._state[pairs.NIGNORED] += other.n_ignored
         self._state[pairs.NMASKED] += other.n_masked
         return self
@@ -268,7 +317,10 @@ class ContingencyCounts:
             start = 0
             while True:
                 if self._state[pairs.ENTRIES] >= pairs.max_entries(self._cap):
-                    self._grow()
+                    if self._cap >= _SPILL_CAP:
+                        self._spill()
+                    else:
+                        self._grow()
                 status = pairs.count_pairs(
                     g3, p3, m3, mv is not None, np.uint64(ignore), has_ignore, np.uint64(g_signed),
                     np.uint64(p_signed), self._table, self._state, start, words,
@@ -338,21 +390,22 @@ class ContingencyCounts:
     def n_entries(self) -> int:
         """Distinct (gt, pred) pairs so far."""
         hashed = int(self._state[pairs.ENTRIES])
-        if self._run is None:
+        if not self._runs:
             return hashed
-        return len(self._run[2]) if hashed == 0 else len(self.table())
+        return len(self._runs[0][2]) if hashed == 0 and len(self._runs) == 1 else len(self.table())
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the hash table and the merged run (what grows with the number of distinct pairs)."""
-        return int(self._table.nbytes) + (0 if self._run is None else sum(int(a.nbytes) for a in self._run))
+        return int(self._table.nbytes) + sum(int(a.nbytes) for run in self._runs for a in run)
 
     def table(self) -> ContingencyTable:
         """The finished table: sorted COO arrays (see :class:`ContingencyTable`)."""
         self._check_usable()
         g, p, c = _canonical(*self._entries(), unique=True)
-        if self._run is not None:
-            g, p, c = _merge_runs(self._run, (g, p, c))
+        run = self._one_run()
+        if run is not None:
+            g, p, c = _merge_runs(run, (g, p, c))  # type: ignore[misc]
         return ContingencyTable(
             g, p, c, n_ignored=self.n_ignored, n_masked=self.n_masked, ignore_label=self.ignore_label,
             canonical=True,
@@ -374,7 +427,7 @@ class ContingencyCounts:
         g, p, c = st["gt"], st["pred"], st["counts"]
         if not st.get("sorted", False):  # written by an older version: entries in slot order
             g, p, c = _canonical(g, p, c)
-        self._run = (g, p, c) if len(c) else None
+        self._add_run((g, p, c))
         self._state[pairs.NIGNORED] = st["n_ignored"]
         self._state[pairs.NMASKED] = st["n_masked"]
         self._poisoned = st["poisoned"]
