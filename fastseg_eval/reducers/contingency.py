@@ -3,8 +3,10 @@
 Instance segmentations pair two sets of arbitrary integer ids (any integer dtype, uint64 ids up
 to 2**64 - 1 included). :class:`ContingencyCounts` is a reducer (see
 :mod:`fastseg_eval.reducers.base`): each worker fills an open-addressing hash table of its own
-with the numba kernel of :mod:`fastseg_eval.kernels.pairs`, and partials merge exactly. Memory
-follows the number of distinct (gt, pred) pairs, not the volume size nor the largest id.
+with the numba kernel of :mod:`fastseg_eval.kernels.pairs` (past :data:`_SPILL_CAP` slots a full
+table is sorted into runs and reused, not grown), and partials merge exactly, as sorted runs by
+linear merges. Memory follows the number of distinct (gt, pred) pairs, not the volume size nor
+the largest id.
 :meth:`ContingencyCounts.table` gives the finished table, a :class:`ContingencyTable`: sorted
 COO arrays (``gt_ids``, ``pred_ids``, ``counts``), picklable and mergeable.
 
