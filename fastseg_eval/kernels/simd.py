@@ -1,15 +1,17 @@
-"""Two LLVM operations numba does not expose, as numba intrinsics: 64 byte lanes to a bit mask,
-and a 64-bit population count.
+"""LLVM operations numba does not expose, as numba intrinsics: 64 byte lanes compared to a bit
+mask, and a 64-bit population count.
 
 :func:`lane_mask64` loads 64 bytes as one ``<64 x i8>`` vector, tests each lane against a bit
 pattern and returns the 64 answers as the bits of one uint64 (``icmp`` then ``bitcast <64 x i1>
-to i64``). LLVM lowers this to what the machine has: ``vptestmb`` + ``kmovq`` with AVX-512, two
+to i64``); :func:`lane_eq64` and :func:`lane_ge64` compare each lane with a value (equal,
+unsigned greater or equal) the same way. LLVM lowers this to what the machine has: ``vptestmb`` + ``kmovq`` with AVX-512, two
 ``vpcmpeqb`` + ``vpmovmskb`` pairs with AVX2, a short shuffle sequence elsewhere; the result is the
 same everywhere, only the speed differs. numba's own loops cannot express it: a loop that sets
 one bit per byte stays scalar. :func:`popcount` is ``llvm.ctpop.i64`` (``popcnt``).
 
-Both are used inside ``@njit`` kernels only (:func:`fastseg_eval.kernels.cpu.count_small`); they
-compile into the caller, so numba's on-disk cache keeps them with it.
+They are used inside ``@njit`` kernels only (:func:`fastseg_eval.kernels.cpu.count_small`,
+:func:`fastseg_eval.kernels.cpu.count_peel`); they compile into the caller, so numba's on-disk
+cache keeps them with it.
 """
 
 from __future__ import annotations
@@ -25,29 +27,62 @@ _I64 = ir.IntType(64)
 _V64 = ir.VectorType(_I8, 64)
 
 
+def _lanes(kind: str):  # type: ignore[no-untyped-def]
+    """The codegen of a 64-lane byte comparison: ``kind`` is "and" (``lane & v != 0``), "eq"
+    (``lane == v``) or "ge" (``lane >= v``, unsigned)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        vec = builder.load(builder.bitcast(ptr, _V64.as_pointer()), align=1)
+        value = args[2] if args[2].type.width == 8 else builder.trunc(args[2], _I8)
+        one = builder.insert_element(ir.Constant(_V64, ir.Undefined), value, ir.Constant(_I32, 0))
+        splat = builder.shuffle_vector(
+            one, ir.Constant(_V64, ir.Undefined), ir.Constant(ir.VectorType(_I32, 64), [0] * 64)
+        )
+        if kind == "and":
+            hit = builder.icmp_unsigned("!=", builder.and_(vec, splat), ir.Constant(_V64, [0] * 64))
+        else:
+            hit = builder.icmp_unsigned("==" if kind == "eq" else ">=", vec, splat)
+        return builder.bitcast(hit, _I64)
+
+    return codegen
+
+
+def _byte_array(arr, value) -> bool:  # type: ignore[no-untyped-def]
+    return (
+        isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype.bitwidth == 8
+        and isinstance(value, types.Integer)
+    )  # fmt: skip
+
+
+@intrinsic
+def lane_eq64(typingctx, arr, pos, value):  # type: ignore[no-untyped-def]
+    """``lane_eq64(arr, pos, value)``: a uint64 whose bit ``i`` is set when ``arr[pos + i] ==
+    value`` (the value's low byte), for ``i`` in 0..63; ``arr`` and ``pos`` as in :func:`lane_mask64`."""
+    if not _byte_array(arr, value):
+        return None
+    return types.uint64(arr, pos, value), _lanes("eq")
+
+
+@intrinsic
+def lane_ge64(typingctx, arr, pos, value):  # type: ignore[no-untyped-def]
+    """``lane_ge64(arr, pos, value)``: bit ``i`` set when ``arr[pos + i] >= value`` as unsigned
+    bytes (``value`` in 0..255); ``arr`` and ``pos`` as in :func:`lane_mask64`."""
+    if not _byte_array(arr, value):
+        return None
+    return types.uint64(arr, pos, value), _lanes("ge")
+
+
 @intrinsic
 def lane_mask64(typingctx, arr, pos, bits):  # type: ignore[no-untyped-def]
     """``lane_mask64(arr, pos, bits)``: a uint64 whose bit ``i`` is set when ``arr[pos + i] &
     bits != 0``, for ``i`` in 0..63. ``arr`` is a C-contiguous 1-D uint8 (or int8) array and
     ``pos + 64 <= len(arr)`` (the caller's duty: nothing is checked); ``bits`` an integer whose
     low byte is the pattern."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype.bitwidth == 8):
+    if not _byte_array(arr, bits):
         return None
-    sig = types.uint64(arr, pos, bits)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = builder.gep(ary.data, [args[1]])
-        vec = builder.load(builder.bitcast(ptr, _V64.as_pointer()), align=1)
-        pattern = builder.trunc(args[2], _I8)
-        one = builder.insert_element(ir.Constant(_V64, ir.Undefined), pattern, ir.Constant(_I32, 0))
-        splat = builder.shuffle_vector(
-            one, ir.Constant(_V64, ir.Undefined), ir.Constant(ir.VectorType(_I32, 64), [0] * 64)
-        )
-        hit = builder.icmp_unsigned("!=", builder.and_(vec, splat), ir.Constant(_V64, [0] * 64))
-        return builder.bitcast(hit, _I64)
-
-    return sig, codegen
+    return types.uint64(arr, pos, bits), _lanes("and")
 
 
 @intrinsic

@@ -485,12 +485,20 @@ class ConfusionCounts:
                         return
                     if raw:  # labels past 3: stop trying on this accumulator's chunks
                         self._small_raw = False
+                done = 0
+                if g1.itemsize == 1 and mv is None:  # 64 voxels at a time, by distinct pair
+                    done = cpu.count_peel(g1, p1, ignore, has_ignore, gl, pl, k, acc, state)
+                    if done == g1.size:
+                        return
+                    g1, p1 = g1[done:], p1[done:]  # the tail, or from a block with a value past K
+                    nwords = g1.size // 8
                 status = cpu.count_direct_flat(
                     g1, p1, m1, _words(g1, nwords), _words(p1, nwords),
                     _NO_WORDS if mv is None else _words(m1, nwords // g1.itemsize),
                     has_mask, ignore, has_ignore, gl, pl, k, acc, self._side_for(acc), state,
                 )  # fmt: skip
                 if status != cpu.OK:
+                    state[cpu.POS] += done
                     self._raise_bad(status, np.unravel_index(int(state[cpu.POS]), gv.shape), gt, pred)
                 return
             for (lead, g3), (_, p3), (_, m3) in _pieces(gv, pv, mv):
