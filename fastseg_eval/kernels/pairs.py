@@ -360,18 +360,12 @@ def merge_sorted(g1, p1, c1, g2, p2, c2, go, po, co):
             co[n] = c2[j]
             j += 1
         n += 1
-    while i < n1:
-        go[n] = g1[i]
-        po[n] = p1[i]
-        co[n] = c1[i]
-        i += 1
-        n += 1
-    while j < n2:
-        go[n] = g2[j]
-        po[n] = p2[j]
-        co[n] = c2[j]
-        j += 1
-        n += 1
+    for gs, ps, cs, k in ((g1, p1, c1, i), (g2, p2, c2, j)):  # what is left of one of them
+        rest = gs.shape[0] - k
+        go[n : n + rest] = gs[k:]
+        po[n : n + rest] = ps[k:]
+        co[n : n + rest] = cs[k:]
+        n += rest
     return n
 
 
