@@ -353,9 +353,10 @@ class ContingencyCounts:
             )
 
     def _words(self, n2: int) -> np.ndarray:
-        """The kernel's scratch: byte flags of a row of ``n2`` voxels, as uint64 words."""
-        if self._flags is None or len(self._flags) < n2 // 8 + 2:
-            self._flags = np.zeros(n2 // 8 + 2, dtype=np.uint64)
+        """The kernel's scratch for rows of ``n2`` voxels (:func:`~fastseg_eval.kernels.pairs.scratch_words`)."""
+        need = pairs.scratch_words(n2)
+        if self._flags is None or len(self._flags) < need:
+            self._flags = np.zeros(need, dtype=np.uint64)
         return self._flags
 
     def _grow(self, need: int = 0) -> None:
