@@ -19,8 +19,8 @@ How counting is fast
 --------------------
 Counting a voxel by hashing its pair would cost a hash probe per voxel. :func:`count_pairs`
 cuts each row into segments (maximal runs of one pair) with one vectorised pass that flags
-where a voxel differs from the one before, then walks the flags a 64-bit word at a time
-(``tzcnt``) and makes one hash lookup per segment. A row of a segmentation has few segments,
+where a voxel differs from the one before, packs the flags one bit per voxel, walks them a
+64-bit word at a time (``tzcnt``) and makes one hash lookup per segment. A row of a segmentation has few segments,
 so most voxels cost one comparison with their neighbour at memory speed. Faster than it looks:
 keeping each segment's slot for the next row or plane, to reuse it without hashing, was
 measured slower (writing and reading those records cost more than the lookups they saved:
