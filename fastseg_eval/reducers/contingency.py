@@ -139,9 +139,7 @@ class ContingencyTable:
         if not isinstance(other, ContingencyTable):
             raise TypeError(f"cannot merge a {type(other).__name__} into a ContingencyTable")
         _same_ignore(self.ignore_label, other.ignore_label)
-        run = _merge_runs((self._g, self._p, self._c), other.raw())
-        assert run is not None
-        self._g, self._p, self._c = run
+        self._g, self._p, self._c = _merge_runs((self._g, self._p, self._c), other.raw())
         self.n_ignored += other.n_ignored
         self.n_masked += other.n_masked
         return self
@@ -257,15 +255,19 @@ class ContingencyCounts:
         if len(run[2]) == 0:
             return
         self._runs.append(run)
-        while len(self._runs) > 1 and len(self._runs[-2][2]) <= 2 * len(self._runs[-1][2]):
-            last = self._runs.pop()
-            self._runs[-1] = _merge_runs(self._runs[-1], last)  # type: ignore[assignment]
+        self._collapse(every=False)
+
+    def _collapse(self, every: bool) -> None:
+        """Merge the last two runs while ``every`` (until one is left) or while the one before the
+        last is not at least twice the size of the last."""
+        runs = self._runs
+        while len(runs) > 1 and (every or len(runs[-2][2]) <= 2 * len(runs[-1][2])):
+            last = runs.pop()
+            runs[-1] = _merge_runs(runs[-1], last)
 
     def _one_run(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """All runs merged into one (kept so), or None when there is none."""
-        while len(self._runs) > 1:
-            last = self._runs.pop()
-            self._runs[-1] = _merge_runs(self._runs[-1], last)  # type: ignore[assignment]
+        self._collapse(every=True)
         return self._runs[0] if self._runs else None
 
     def merge(self, other: ContingencyCounts | ContingencyTable) -> ContingencyCounts:
@@ -408,7 +410,7 @@ class ContingencyCounts:
         g, p, c = _canonical(*self._entries(), unique=True)
         run = self._one_run()
         if run is not None:
-            g, p, c = _merge_runs(run, (g, p, c))  # type: ignore[misc]
+            g, p, c = _merge_runs(run, (g, p, c))
         return ContingencyTable(
             g, p, c, n_ignored=self.n_ignored, n_masked=self.n_masked, ignore_label=self.ignore_label,
             canonical=True,
@@ -471,12 +473,12 @@ def _canonical(
 
 
 def _merge_runs(
-    a: tuple[np.ndarray, np.ndarray, np.ndarray] | None, b: tuple[np.ndarray, np.ndarray, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Two sorted runs of unique pairs (``a`` may be None) as one, by a linear merge (new arrays
-    unless one run is empty: then the other itself)."""
-    if a is None or len(a[2]) == 0:
-        return b if len(b[2]) else a
+    a: tuple[np.ndarray, np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two sorted runs of unique pairs as one, by a linear merge (new arrays unless one run is
+    empty: then the other itself)."""
+    if len(a[2]) == 0:
+        return b
     if len(b[2]) == 0:
         return a
     n = len(a[2]) + len(b[2])
