@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fastseg_eval.kernels.jit import njit
+from fastseg_eval.kernels.simd import lane_mask64, leading_zeros, trailing_zeros
 
 SENTINEL = np.int64(-1)  # "outside the volume" in a corner's neighbourhood (labels are >= 0)
 
@@ -180,58 +181,55 @@ def _mixed_row(r0, r1, r2, r3, xs, xe, flag):
         f[k] = (a != a1[k]) | (a != a2[k]) | (a != a3[k]) | (a != b) | (b != b1[k]) | (b != b2[k]) | (b != b3[k])
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _pick(i, v0, v1, v2, v3, v4, v5, v6, v7):
-    if i < 4:
-        return v0 if i == 0 else (v1 if i == 1 else (v2 if i == 2 else v3))
-    return v4 if i == 4 else (v5 if i == 5 else (v6 if i == 6 else v7))
-
-
 @njit(nogil=True, cache=True)
 def _corner_row(r0, r1, r2, r3, z, y, xs, xe, own_zy, ox0, ox1, skip, table, ntab, out_zyx, out_lab, out_code,
-                out_own, n, cache, flag):  # fmt: skip
+                out_own, n, cache, flag, labs):  # fmt: skip
     """Corners ``xs .. xe - 1`` (``xs >= 1``) of one row whose four voxel rows ``r0 .. r3`` (``z-1, z``
-    times ``y-1, y``) hold every voxel they see: a branch-free scan (:func:`_mixed_row`), then each
-    mixed corner takes its 8 voxels as scalars and emits one point per label among them."""
+    times ``y-1, y``) hold every voxel they see: a branch-free scan (:func:`_mixed_row`), then the
+    mixed corners one by one, taken 64 flags at a time as a bit mask (set bits walked with
+    ``tzcnt``: no branch per uniform corner). A mixed corner takes its 8 voxels and emits one point
+    per label among them, in the order of each label's first voxel: the uncovered voxels are the
+    set bits of an 8-bit mask in the code's bit order, so the next label's first voxel is its
+    highest set bit (``lzcnt``)."""
     _mixed_row(r0, r1, r2, r3, xs, xe, flag)
     cap = out_lab.shape[0]
     cv, ci = cache[0], cache[1]  # the last label value and its index (labels come in runs)
-    for x in range(xs, xe):
-        if not flag[x]:
-            continue
-        own = own_zy and ox0 <= x < ox1
-        v0, v1, v2, v3 = r0[x - 1], r0[x], r1[x - 1], r1[x]
-        v4, v5, v6, v7 = r2[x - 1], r2[x], r3[x - 1], r3[x]
-        done = 0
-        for i in range(8):
-            if (done >> i) & 1:
-                continue
-            w = _pick(i, v0, v1, v2, v3, v4, v5, v6, v7)
-            code = (
-                (np.int64(v0 == w) << 7) | (np.int64(v1 == w) << 6) | (np.int64(v2 == w) << 5)
-                | (np.int64(v3 == w) << 4) | (np.int64(v4 == w) << 3) | (np.int64(v5 == w) << 2)
-                | (np.int64(v6 == w) << 1) | np.int64(v7 == w)
-            )  # fmt: skip
-            for j in range(i, 8):
-                done |= ((code >> (7 - j)) & 1) << j
-            v = np.int64(w)
-            if _skipped(v, skip):
-                continue
-            if n >= cap:
-                return -2
-            if v != cv:
-                li = _label_index(v, table, ntab)
-                if li < 0:
-                    return -1
-                cv, ci = v, li
-                cache[0], cache[1] = cv, ci
-            out_zyx[n, 0] = z
-            out_zyx[n, 1] = y
-            out_zyx[n, 2] = x
-            out_lab[n] = ci
-            out_code[n] = code
-            out_own[n] = own
-            n += 1
+    for pos in range(xs, xe, 64):
+        m = lane_mask64(flag, pos, 1)
+        if xe - pos < 64:
+            m &= (np.uint64(1) << np.uint64(xe - pos)) - np.uint64(1)
+        while m != 0:
+            x = pos + trailing_zeros(m)
+            m &= m - np.uint64(1)
+            own = own_zy and ox0 <= x < ox1
+            labs[0], labs[1], labs[2], labs[3] = r0[x - 1], r0[x], r1[x - 1], r1[x]
+            labs[4], labs[5], labs[6], labs[7] = r2[x - 1], r2[x], r3[x - 1], r3[x]
+            left = np.int64(255)  # voxels not yet covered by a label, bit 7 - j for voxel j
+            while left != 0:
+                w = labs[leading_zeros(left) - 56]
+                code = (
+                    (np.int64(labs[0] == w) << 7) | (np.int64(labs[1] == w) << 6) | (np.int64(labs[2] == w) << 5)
+                    | (np.int64(labs[3] == w) << 4) | (np.int64(labs[4] == w) << 3)
+                    | (np.int64(labs[5] == w) << 2) | (np.int64(labs[6] == w) << 1) | np.int64(labs[7] == w)
+                )  # fmt: skip
+                left &= ~code
+                if _skipped(w, skip):
+                    continue
+                if n >= cap:
+                    return -2
+                if w != cv:
+                    li = _label_index(w, table, ntab)
+                    if li < 0:
+                        return -1
+                    cv, ci = w, li
+                    cache[0], cache[1] = cv, ci
+                out_zyx[n, 0] = z
+                out_zyx[n, 1] = y
+                out_zyx[n, 2] = x
+                out_lab[n] = ci
+                out_code[n] = code
+                out_own[n] = own
+                n += 1
     return n
 
 
@@ -259,7 +257,7 @@ def _corner_box(win, lo0, lo1, lo2, hi0, hi1, hi2, own_lo, own_hi, skip, table, 
             if xs < xe:
                 n = _corner_row(win[z - 1, y - 1], win[z - 1, y], win[z, y - 1], win[z, y], z, y, xs, xe, own_zy,
                                 own_lo[2], own_hi[2], skip, table, ntab, out_zyx, out_lab, out_code, out_own, n,
-                                cache, flag)  # fmt: skip
+                                cache, flag, labs)  # fmt: skip
                 if n < 0:
                     return n
             if xe < hi2:  # the high x edge
@@ -297,7 +295,7 @@ def corner_surface(win, lo, hi, own_lo, own_hi, skip, table, ntab, out_zyx, out_
     """
     labs = np.empty(8, np.int64)
     cache = np.array([-2, -1], np.int64)
-    flag = np.empty(win.shape[2] + 1, np.bool_)
+    flag = np.zeros(win.shape[2] + 128, np.uint8)  # 64 lanes past any row: the mask loads stay inside
     return _corner_box(win, lo[0], lo[1], lo[2], hi[0], hi[1], hi[2], own_lo, own_hi, skip, table, ntab, out_zyx,
                        out_lab, out_code, out_own, 0, cache, labs, flag)  # fmt: skip
 
@@ -348,7 +346,7 @@ def surface_in_boxes(win, corners, boxes, skip, table, ntab, out_zyx, out_lab, o
     Outputs and return value as in :func:`voxel_surface` (``out_own`` is set for every point)."""
     labs = np.empty(8, np.int64)
     cache = np.array([-2, -1], np.int64)
-    flag = np.empty(win.shape[2] + 1, np.bool_)
+    flag = np.zeros(win.shape[2] + 128, np.uint8)  # 64 lanes past any row: the mask loads stay inside
     n = 0
     for i in range(boxes.shape[0]):
         b = boxes[i]
