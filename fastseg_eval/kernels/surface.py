@@ -434,19 +434,19 @@ def nearest_marked(bitmap, zyx, idx, offsets, offset_dist, out):
 
 
 @njit(nogil=True, cache=True)
-def bucket_points(zyx, idx, cell, gy, gx, starts, items):
-    """Counting sort of points ``idx`` into cells of edge ``cell``: cell ``c`` holds
+def bucket_points(zyx, idx, shift, gy, gx, starts, items):
+    """Counting sort of points ``idx`` into cells of edge ``2**shift``: cell ``c`` holds
     ``items[starts[c]:starts[c + 1]]`` (``starts`` has one entry per cell plus one, zeroed)."""
-    u = np.uint64(cell)  # coordinates are >= 0: unsigned division, no floor-division fix-ups
+    u = np.uint64(shift)  # coordinates are >= 0: shifts, not divisions by a run-time edge
     uy, ux = np.uint64(gy), np.uint64(gx)
     for i in idx:
-        c = ((np.uint64(zyx[i, 0]) // u) * uy + np.uint64(zyx[i, 1]) // u) * ux + np.uint64(zyx[i, 2]) // u
+        c = ((np.uint64(zyx[i, 0]) >> u) * uy + (np.uint64(zyx[i, 1]) >> u)) * ux + (np.uint64(zyx[i, 2]) >> u)
         starts[c + np.uint64(1)] += 1
     for c in range(starts.shape[0] - 1):
         starts[c + 1] += starts[c]
     fill = starts[:-1].copy()
     for i in idx:
-        c = ((np.uint64(zyx[i, 0]) // u) * uy + np.uint64(zyx[i, 1]) // u) * ux + np.uint64(zyx[i, 2]) // u
+        c = ((np.uint64(zyx[i, 0]) >> u) * uy + (np.uint64(zyx[i, 1]) >> u)) * ux + (np.uint64(zyx[i, 2]) >> u)
         items[fill[c]] = i
         fill[c] += 1
 
@@ -467,6 +467,7 @@ def nearest_in_cells(a_zyx, a_idx, b_zyx, starts, items, cell, gz, gy, gx, cell_
         z, y, x = np.int64(a_zyx[i, 0]), np.int64(a_zyx[i, 1]), np.int64(a_zyx[i, 2])
         cz, cy, cx = z // cell, y // cell, x // cell
         best = limit
+        best2 = limit * limit  # d * d >= best2 implies d >= best (sqrt(fl(b * b)) == b): no root needed
         best_j = -1
         for k in range(cell_offsets.shape[0]):
             if cell_bound[k] >= best:
@@ -483,10 +484,13 @@ def nearest_in_cells(a_zyx, a_idx, b_zyx, starts, items, cell, gz, gy, gx, cell_
                 if abs(dz) > reach or abs(dy) > reach or abs(dx) > reach:
                     continue
                 fz, fy, fx = dz * sz, dy * sy, dx * sx
-                d = np.sqrt((fz * fz + fy * fy) + fx * fx)
-                if d < best:
-                    best = d
-                    best_j = offset_index[dz + reach, dy + reach, dx + reach]
+                d2 = (fz * fz + fy * fy) + fx * fx
+                if d2 < best2:
+                    d = np.sqrt(d2)
+                    if d < best:
+                        best = d
+                        best2 = d * d
+                        best_j = offset_index[dz + reach, dy + reach, dx + reach]
         out[t] = best_j
 
 
@@ -505,15 +509,12 @@ def add_counts(hist, ncodes, dist_idx, codes, idx):
 
 
 @njit(nogil=True, cache=True)
-def mark_cells(bits, zyx, idx, origin, cell, gy, gx):
-    """Set the bits (``bits`` packed, little bit order) of the cells (edge ``cell``, ``gy`` x ``gx`` per
-    slice) that hold points ``zyx[idx] + origin``."""
-    u = np.uint64(cell)  # coordinates are >= 0: unsigned division
+def mark_cells(bits, zyx, idx, cz, cy, cx, gy, gx):
+    """Set the bits (``bits`` packed, little bit order) of the coarse cells (``gy`` x ``gx`` per slice)
+    that hold points ``zyx[idx]``; ``cz, cy, cx`` map a window coordinate to its cell's index on
+    that axis (tables: no division per point)."""
     for i in idx:
-        cz = np.int64(np.uint64(np.int64(zyx[i, 0]) + origin[0]) // u)
-        cy = np.int64(np.uint64(np.int64(zyx[i, 1]) + origin[1]) // u)
-        cx = np.int64(np.uint64(np.int64(zyx[i, 2]) + origin[2]) // u)
-        f = (cz * gy + cy) * gx + cx
+        f = (np.int64(cz[zyx[i, 0]]) * gy + np.int64(cy[zyx[i, 1]])) * gx + np.int64(cx[zyx[i, 2]])
         bits[f >> 3] |= np.uint8(1 << (f & 7))
 
 

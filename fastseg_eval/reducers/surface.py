@@ -77,7 +77,8 @@ def _point_buffers(cap: int, table: np.ndarray | None = None, ntab: np.ndarray |
 DIRECTIONS = ("gt_to_pred", "pred_to_gt")  # direction d goes from side d to side 1 - d
 
 
-_CELL = 4  # edge of the buckets of the second search stage (points)
+_CELL_SHIFT = 2
+_CELL = 1 << _CELL_SHIFT  # edge of the buckets of the second search stage (points)
 _FIRST_STAGE = 4.0  # the first stage walks offsets shorter than this many times the smallest spacing
 
 
@@ -357,6 +358,7 @@ class SurfaceDistances:
             bitmap = self._buffers["bitmap"] = np.zeros(tuple(s + 1 for s in n), np.uint8)
         origin = np.array(win0, np.int64)
         c, (_, gy, gx) = self.cell, self.grid
+        cell_of = [((np.arange(m + 2) + o) // c).astype(np.int32) for m, o in zip(n, win0)]  # coarse cell per coordinate
         bg = tuple(-(-(s + 1) // _CELL) for s in n)  # buckets of the second search stage
         starts = np.zeros(math.prod(bg) + 1, np.int64)
         spacing = np.array(self.spacing)
@@ -371,7 +373,7 @@ class SurfaceDistances:
                 owned.append(mine)
                 st.npoints[s] += mine.size
                 if mine.size:
-                    K.mark_cells(st.cells[s], zyx, mine, origin, c, gy, gx)
+                    K.mark_cells(st.cells[s], zyx, mine, *cell_of, gy, gx)
             for d in (0, 1):  # direction d: from side d to side 1 - d
                 a_idx = owned[d]
                 if a_idx.size == 0:
@@ -388,7 +390,7 @@ class SurfaceDistances:
                     if np.any(dist < 0):  # no counterpart among the nearest offsets: search by buckets
                         starts[:] = 0
                         items = self._scratch("items", b_idx.size, np.int64)
-                        K.bucket_points(b_zyx, b_idx, _CELL, bg[1], bg[2], starts, items)
+                        K.bucket_points(b_zyx, b_idx, _CELL_SHIFT, bg[1], bg[2], starts, items)
                         K.nearest_in_cells(
                             a_zyx, a_idx, b_zyx, starts, items, _CELL, bg[0], bg[1], bg[2], self._cells,
                             self._bounds, self._index, self.reach, spacing, self._limit, dist,
@@ -549,7 +551,8 @@ def _resolve_far(
             tgt = zyx[sel].astype(np.int64) + v_lo
             q = who[rows == r]
             # nothing beyond the points' bounds can be the nearest: let the tree prune there
-            dq, j = cKDTree(_physical(tgt, red.spacing)).query(phys[q], distance_upper_bound=float(bound[q].max()))
+            tree = cKDTree(_physical(tgt, red.spacing), balanced_tree=False, compact_nodes=False)  # built 2x faster, queried no slower
+            dq, j = tree.query(phys[q], distance_upper_bound=float(bound[q].max()))
             hit = np.isfinite(dq)
             q, dq, j = q[hit], dq[hit], j[hit]
             found.append((q, dq, tgt[j] - pts[q]))
