@@ -191,6 +191,19 @@ def test_matches_the_library(surface, name, spacing):
     assert res.options["spacing_from"] == "given"
 
 
+@pytest.mark.parametrize("surface", ["deepmind", "medpy"])
+def test_windows_of_more_than_eight_labels(surface):
+    """The pass marks the first 8 labels of a window with one bit each; the others are searched one
+    label at a time. Both kinds in one window, against the library."""
+    rng = np.random.default_rng(11)
+    gt = blobs((22, 26, 30), 14, rng, cell=4, fg=0.8)
+    pred = perturb(gt, rng, 14)
+    assert np.unique(gt).size > 9 and np.unique(pred).size > 9
+    names = ",".join(m for m in NAMES if not (surface == "medpy" and m == "nsd"))
+    res = fse.evaluate(pred, gt, metrics=names, surface=surface, spacing=(1.2, 1.0, 0.9), workers=1)
+    assert check_against_reference(res, pred, gt, surface, (1.2, 1.0, 0.9)) >= 10
+
+
 @pytest.mark.parametrize("surface", ["deepmind", "monai", "medpy"])
 @pytest.mark.parametrize("pct", [50.0, 90.0, 99.0, 100.0])
 def test_other_percentiles_and_tolerances(surface, pct):

@@ -385,8 +385,19 @@ def mark_points(bitmap, zyx, idx, value):
 
 
 @njit(nogil=True, cache=True)
-def nearest_marked(bitmap, zyx, idx, offsets, offset_dist, out):
-    """For each point ``zyx[i]`` (``i`` in ``idx``), the distance index of the nearest marked cell.
+def mark_labels(bits, zyx, lab, n):
+    """``bits[zyx[i]] |= 1 << lab[i]`` for the first ``n`` points whose label index is below 8 (one
+    sequential pass over a window's points: every label's bit at once)."""
+    for i in range(n):
+        li = lab[i]
+        if li < 8:
+            bits[zyx[i, 0], zyx[i, 1], zyx[i, 2]] |= np.uint8(1 << li)
+
+
+@njit(nogil=True, cache=True)
+def nearest_marked(bitmap, bit, zyx, idx, offsets, offset_dist, out):
+    """For each point ``zyx[i]`` (``i`` in ``idx``), the distance index of the nearest cell of
+    ``bitmap`` marked with ``bit`` (``bitmap & bit != 0``).
 
     ``offsets`` are sorted by distance; the first marked ``point + offset`` wins and its
     ``offset_dist`` goes to ``out`` (in the order of ``idx``); -1 when no offset reaches a marked
@@ -417,7 +428,7 @@ def nearest_marked(bitmap, zyx, idx, offsets, offset_dist, out):
         if inside:  # flat offsets, unsigned: no negative-index wraparound in the hot loop
             base = (z * ny + y) * nx + x
             for j in range(noff):
-                if flat[np.uint64(base + flat_off[j])]:
+                if flat[np.uint64(base + flat_off[j])] & bit:
                     found = offset_dist[j]
                     break
         else:
@@ -427,7 +438,7 @@ def nearest_marked(bitmap, zyx, idx, offsets, offset_dist, out):
                 qx = x + offsets[j, 2]
                 if qz < 0 or qy < 0 or qx < 0 or qz >= nz or qy >= ny or qx >= nx:
                     continue
-                if bitmap[qz, qy, qx]:
+                if bitmap[qz, qy, qx] & bit:
                     found = offset_dist[j]
                     break
         out[t] = found

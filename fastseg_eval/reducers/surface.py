@@ -345,17 +345,27 @@ class SurfaceDistances:
         n = block.gt.shape
         win0 = tuple(o - c.start for o, c in zip(block.origin, block.core))
         lo, hi, olo, ohi = self.regions(n, win0, block.core)
+        size = math.prod(s + 1 for s in n)
+        held = self._buffers.get("bits")  # both sides' label bits; all zero between blocks
+        if held is None or held.shape[1] < size:
+            held = self._buffers["bits"] = np.zeros((2, size), np.uint8)
+        bits = [held[s, :size].reshape(tuple(s + 1 for s in n)) for s in (0, 1)]
         sides = []
         for slot, arr in enumerate((block.gt, block.pred)):
             zyx, values, lab, code, own = self.extract(arr, lo, hi, olo, ohi, slot)
+            K.mark_labels(bits[slot], zyx, lab, lab.size)  # the first 8 labels of the window: one bit each
             order = self._scratch(("order", slot), lab.size, np.int64)
             starts = np.empty(values.size + 1, np.int64)
             K.group_by_label(lab, values.size, order, starts)
             groups = {int(v): order[starts[i] : starts[i + 1]] for i, v in enumerate(values)}
-            sides.append((zyx, code, own, groups))
-        bitmap = self._buffers.get("bitmap")  # kept all zero between uses (every mark is undone)
-        if bitmap is None or bitmap.shape != tuple(s + 1 for s in n):
-            bitmap = self._buffers["bitmap"] = np.zeros(tuple(s + 1 for s in n), np.uint8)
+            sides.append((zyx, code, own, groups, {int(v): i for i, v in enumerate(values)}))
+        try:
+            self._near(n, win0, sides, bits)
+        finally:
+            held[:, :size] = 0
+
+    def _near(self, n: tuple[int, ...], win0: tuple[int, ...], sides: list, bits: list) -> None:
+        """Distances of the owned points within reach (the pass's part of :meth:`add`)."""
         origin = np.array(win0, np.int64)
         c, (_, gy, gx) = self.cell, self.grid
         cell_of = [((np.arange(m + 2) + o) // c).astype(np.int32) for m, o in zip(n, win0)]  # coarse cell per coordinate
@@ -367,7 +377,7 @@ class SurfaceDistances:
             st = self._label(lab_value)
             owned = []
             for s in (0, 1):
-                zyx, code, own, groups = sides[s]
+                zyx, code, own, groups, _ = sides[s]
                 idx = groups.get(lab_value, np.empty(0, np.int64))
                 mine = idx[own[idx]]
                 owned.append(mine)
@@ -384,9 +394,16 @@ class SurfaceDistances:
                 dist = self._scratch("dist", a_idx.size, np.int64)
                 dist.fill(-1)
                 if b_idx is not None and b_idx.size:
-                    K.mark_points(bitmap, b_zyx, b_idx, 1)
-                    K.nearest_marked(bitmap, a_zyx, a_idx, first_offsets, first_dist, dist)
-                    K.mark_points(bitmap, b_zyx, b_idx, 0)
+                    li = sides[1 - d][4][lab_value]
+                    if li < 8:  # marked by the extraction
+                        K.nearest_marked(bits[1 - d], np.uint8(1 << li), a_zyx, a_idx, first_offsets, first_dist, dist)
+                    else:  # a window of more than 8 labels: this one marked alone, then unmarked
+                        bitmap = self._buffers.get("bitmap")  # kept all zero between uses
+                        if bitmap is None or bitmap.shape != tuple(s + 1 for s in n):
+                            bitmap = self._buffers["bitmap"] = np.zeros(tuple(s + 1 for s in n), np.uint8)
+                        K.mark_points(bitmap, b_zyx, b_idx, 1)
+                        K.nearest_marked(bitmap, np.uint8(1), a_zyx, a_idx, first_offsets, first_dist, dist)
+                        K.mark_points(bitmap, b_zyx, b_idx, 0)
                     if np.any(dist < 0):  # no counterpart among the nearest offsets: search by buckets
                         starts[:] = 0
                         items = self._scratch("items", b_idx.size, np.int64)
