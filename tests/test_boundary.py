@@ -460,6 +460,50 @@ def test_corner_kernel_matches_the_definition(dtype):
         assert _kernel_points((m2, bufs[0], bufs[1], bufs[2]), table) == got and m2 == m
 
 
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.5, 0.8, 1.1)])
+def test_mark_bits_and_both_search_stages_against_brute_force(spacing):
+    """Marks of 8 labels in one bitmap (rows padded to words) and per-cell bits; the first stage
+    (offsets up to 4 voxels) and the second (cells of 4, row words) together give, for every point,
+    the distance index of its nearest mark of one label within the reach, as a brute force does:
+    points on the bitmap's edges and in its last, partial cells included."""
+    from fastseg_eval.kernels import surface as K
+    from fastseg_eval.reducers.surface import SurfaceDistances
+
+    rng = np.random.default_rng(13)
+    red = SurfaceDistances(spacing=spacing, reach=5)
+    first_off, first_dist = red.offsets[: red._first], red.offset_dist[: red._first]
+    for trial in range(12):
+        shape = tuple(int(v) for v in rng.integers(3, 23, 3))
+        bshape = (shape[0], shape[1], -(-shape[2] // 4) * 4)
+        cshape = tuple(-(-b // 4) for b in bshape)
+        npts = int(rng.integers(1, 60))
+        zyx = np.stack([rng.integers(0, s, npts) for s in shape], axis=1).astype(np.int32)
+        lab = rng.integers(0, 10, npts).astype(np.int32)  # indices 8 and 9 get no bit
+        bits, coarse = np.zeros(bshape, np.uint8), np.zeros(cshape, np.uint8)
+        K.mark_labels(bits, coarse, zyx, lab, npts)
+        for li in range(8):
+            mine = zyx[lab == li].astype(np.int64)
+            want = np.zeros(bshape, bool)
+            want[tuple(mine.T)] = True
+            assert np.array_equal((bits & (1 << li)) != 0, want)
+            cells = np.zeros(cshape, bool)
+            cells[tuple((mine >> 2).T)] = True
+            assert np.array_equal((coarse & (1 << li)) != 0, cells)
+            a = np.stack([rng.integers(0, s, 40) for s in shape], axis=1).astype(np.int32)
+            a_idx = np.arange(40, dtype=np.int64)
+            out = np.full(40, -1, np.int64)
+            bit = np.uint8(1 << li)
+            K.nearest_marked(bits, bit, a, a_idx, first_off, first_dist, out)
+            K.nearest_in_bits(bits.view(np.uint32), coarse, bit, a, a_idx, red._cells, red._bounds, red._index,
+                              red.reach, np.array(spacing), red._limit, out)  # fmt: skip
+            for t in range(40):
+                off = mine - a[t]
+                ok = np.all(np.abs(off) <= red.reach, axis=1)
+                idx = red._index[tuple((off[ok] + red.reach).T)]
+                idx = idx[idx >= 0]
+                assert out[t] == (idx.min() if idx.size else -1), (trial, li, t)
+
+
 def test_far_bounds_and_wanted_cells_against_brute_force():
     """The shell search gives the least over occupied cells of the largest point distance, and the
     wanted cells are exactly the occupied ones with a point within that bound."""

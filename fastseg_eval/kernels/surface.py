@@ -385,13 +385,73 @@ def mark_points(bitmap, zyx, idx, value):
 
 
 @njit(nogil=True, cache=True)
-def mark_labels(bits, zyx, lab, n):
+def mark_labels(bits, coarse, zyx, lab, n):
     """``bits[zyx[i]] |= 1 << lab[i]`` for the first ``n`` points whose label index is below 8 (one
-    sequential pass over a window's points: every label's bit at once)."""
+    sequential pass over a window's points: every label's bit at once), and the same bit in
+    ``coarse``, one byte per cell of 4 x 4 x 4 points."""
     for i in range(n):
         li = lab[i]
         if li < 8:
-            bits[zyx[i, 0], zyx[i, 1], zyx[i, 2]] |= np.uint8(1 << li)
+            z, y, x = zyx[i, 0], zyx[i, 1], zyx[i, 2]
+            b = np.uint8(1 << li)
+            bits[z, y, x] |= b
+            coarse[z >> 2, y >> 2, x >> 2] |= b
+
+
+@njit(nogil=True, cache=True)
+def nearest_in_bits(bits32, coarse, bit, a_zyx, a_idx, cell_offsets, cell_bound, offset_index, reach, spacing,
+                    limit, out):  # fmt: skip
+    """Second stage, on the marks themselves: for the points ``a_idx`` whose ``out`` is still -1, the
+    exact nearest point marked with ``bit``, by cells of 4 x 4 x 4 in order of ``cell_bound`` (as
+    :func:`nearest_in_cells`); a cell is looked into only when ``coarse`` has the bit, then row by
+    row, 4 marks per 32-bit word (``bits32``: the marks viewed as words, rows padded to 4 bytes).
+    Accepts only offsets within ``reach`` on every axis and shorter than ``limit``; ``out`` gets the
+    offset's distance index (``offset_index``, indexed by offset + reach), or stays -1."""
+    sz, sy, sx = spacing[0], spacing[1], spacing[2]
+    nz, ny, nw = bits32.shape
+    gz, gy, gx = coarse.shape
+    word = np.uint32(bit) * np.uint32(0x01010101)
+    for t in range(a_idx.shape[0]):
+        if out[t] >= 0:
+            continue
+        i = a_idx[t]
+        z, y, x = np.int64(a_zyx[i, 0]), np.int64(a_zyx[i, 1]), np.int64(a_zyx[i, 2])
+        cz, cy, cx = z >> 2, y >> 2, x >> 2
+        best = limit
+        best2 = limit * limit  # d * d >= best2 implies d >= best (sqrt(fl(b * b)) == b): no root needed
+        best_j = -1
+        for k in range(cell_offsets.shape[0]):
+            if cell_bound[k] >= best:
+                break
+            qz, qy, qx = cz + cell_offsets[k, 0], cy + cell_offsets[k, 1], cx + cell_offsets[k, 2]
+            if qz < 0 or qy < 0 or qx < 0 or qz >= gz or qy >= gy or qx >= gx:
+                continue
+            if not (coarse[qz, qy, qx] & bit):
+                continue
+            for pz in range(qz * 4, min(qz * 4 + 4, nz)):
+                dz = pz - z
+                if abs(dz) > reach:
+                    continue
+                for py in range(qy * 4, min(qy * 4 + 4, ny)):
+                    dy = py - y
+                    if abs(dy) > reach:
+                        continue
+                    w = bits32[pz, py, qx] & word
+                    while w != 0:
+                        low = trailing_zeros(np.uint64(w))
+                        w &= w - np.uint32(1)  # one bit per byte: the byte is done
+                        dx = qx * 4 + (low >> 3) - x
+                        if abs(dx) > reach:
+                            continue
+                        fz, fy, fx = dz * sz, dy * sy, dx * sx
+                        d2 = (fz * fz + fy * fy) + fx * fx
+                        if d2 < best2:
+                            d = np.sqrt(d2)
+                            if d < best:
+                                best = d
+                                best2 = d * d
+                                best_j = offset_index[dz + reach, dy + reach, dx + reach]
+        out[t] = best_j
 
 
 @njit(nogil=True, cache=True)

@@ -12,8 +12,12 @@ Near points, in the pass (``add``)
     surface points of both sides, all labels in one scan, in the core grown by ``reach`` (the
     extra voxel decides surface-ness across the block's edge) and, for every surface point it
     *owns* (in the core), walks the integer offsets ``o`` with ``|o_axis| <= reach``, sorted by
-    length, up to the first surface point of the other side (first in a bitmap up to
-    ``_FIRST_STAGE`` voxels, then by buckets of points). Every point outside that box lies at
+    length, up to the first surface point of the other side. Each side's points are marked once
+    per block in a bitmap, one bit per label (the window's first 8 labels; a label past those is
+    marked alone when searched), with the same bits per cell of 4 x 4 x 4 points. The first stage
+    probes the marks up to ``_FIRST_STAGE`` voxels away; the rest walk the cells nearest first,
+    looking into a cell only when its bit is set (a label without a bit: buckets of its points
+    instead). Every point outside that box lies at
     least ``G = (reach + 1) * min(spacing)`` away, and only offsets shorter than ``G`` count, so a
     hit is the exact nearest point. The record is compact and exact: per label and direction, a
     count per (distance value, neighbourhood code), the distance being an index into the sorted
@@ -345,26 +349,30 @@ class SurfaceDistances:
         n = block.gt.shape
         win0 = tuple(o - c.start for o, c in zip(block.origin, block.core))
         lo, hi, olo, ohi = self.regions(n, win0, block.core)
-        size = math.prod(s + 1 for s in n)
-        held = self._buffers.get("bits")  # both sides' label bits; all zero between blocks
-        if held is None or held.shape[1] < size:
-            held = self._buffers["bits"] = np.zeros((2, size), np.uint8)
-        bits = [held[s, :size].reshape(tuple(s + 1 for s in n)) for s in (0, 1)]
+        bshape = (n[0] + 1, n[1] + 1, -(-(n[2] + 1) // 4) * 4)  # rows padded to 32-bit words
+        cshape = tuple(-(-b // 4) for b in bshape)  # cells of 4 x 4 x 4 points
+        size, csize = math.prod(bshape), math.prod(cshape)
+        held = self._buffers.get("bits")  # both sides' label bits and their cells; all zero between blocks
+        if held is None or held[0].shape[1] < size or held[1].shape[1] < csize:
+            held = self._buffers["bits"] = (np.zeros((2, size), np.uint8), np.zeros((2, csize), np.uint8))
+        bits = [held[0][s, :size].reshape(bshape) for s in (0, 1)]
+        coarse = [held[1][s, :csize].reshape(cshape) for s in (0, 1)]
         sides = []
         for slot, arr in enumerate((block.gt, block.pred)):
             zyx, values, lab, code, own = self.extract(arr, lo, hi, olo, ohi, slot)
-            K.mark_labels(bits[slot], zyx, lab, lab.size)  # the first 8 labels of the window: one bit each
+            K.mark_labels(bits[slot], coarse[slot], zyx, lab, lab.size)  # the window's first 8 labels: a bit each
             order = self._scratch(("order", slot), lab.size, np.int64)
             starts = np.empty(values.size + 1, np.int64)
             K.group_by_label(lab, values.size, order, starts)
             groups = {int(v): order[starts[i] : starts[i + 1]] for i, v in enumerate(values)}
             sides.append((zyx, code, own, groups, {int(v): i for i, v in enumerate(values)}))
         try:
-            self._near(n, win0, sides, bits)
+            self._near(n, win0, sides, bits, coarse)
         finally:
-            held[:, :size] = 0
+            held[0][:, :size] = 0
+            held[1][:, :csize] = 0
 
-    def _near(self, n: tuple[int, ...], win0: tuple[int, ...], sides: list, bits: list) -> None:
+    def _near(self, n: tuple[int, ...], win0: tuple[int, ...], sides: list, bits: list, coarse: list) -> None:
         """Distances of the owned points within reach (the pass's part of :meth:`add`)."""
         origin = np.array(win0, np.int64)
         c, (_, gy, gx) = self.cell, self.grid
@@ -395,8 +403,14 @@ class SurfaceDistances:
                 dist.fill(-1)
                 if b_idx is not None and b_idx.size:
                     li = sides[1 - d][4][lab_value]
-                    if li < 8:  # marked by the extraction
-                        K.nearest_marked(bits[1 - d], np.uint8(1 << li), a_zyx, a_idx, first_offsets, first_dist, dist)
+                    if li < 8:  # marked by the extraction: both stages read the marks
+                        bit = np.uint8(1 << li)
+                        K.nearest_marked(bits[1 - d], bit, a_zyx, a_idx, first_offsets, first_dist, dist)
+                        if np.any(dist < 0):  # no counterpart among the nearest offsets: by cells
+                            K.nearest_in_bits(
+                                bits[1 - d].view(np.uint32), coarse[1 - d], bit, a_zyx, a_idx, self._cells,
+                                self._bounds, self._index, self.reach, spacing, self._limit, dist,
+                            )  # fmt: skip
                     else:  # a window of more than 8 labels: this one marked alone, then unmarked
                         bitmap = self._buffers.get("bitmap")  # kept all zero between uses
                         if bitmap is None or bitmap.shape != tuple(s + 1 for s in n):
@@ -404,14 +418,14 @@ class SurfaceDistances:
                         K.mark_points(bitmap, b_zyx, b_idx, 1)
                         K.nearest_marked(bitmap, np.uint8(1), a_zyx, a_idx, first_offsets, first_dist, dist)
                         K.mark_points(bitmap, b_zyx, b_idx, 0)
-                    if np.any(dist < 0):  # no counterpart among the nearest offsets: search by buckets
-                        starts[:] = 0
-                        items = self._scratch("items", b_idx.size, np.int64)
-                        K.bucket_points(b_zyx, b_idx, _CELL_SHIFT, bg[1], bg[2], starts, items)
-                        K.nearest_in_cells(
-                            a_zyx, a_idx, b_zyx, starts, items, _CELL, bg[0], bg[1], bg[2], self._cells,
-                            self._bounds, self._index, self.reach, spacing, self._limit, dist,
-                        )  # fmt: skip
+                        if np.any(dist < 0):  # no counterpart among the nearest offsets: by buckets
+                            starts[:] = 0
+                            items = self._scratch("items", b_idx.size, np.int64)
+                            K.bucket_points(b_zyx, b_idx, _CELL_SHIFT, bg[1], bg[2], starts, items)
+                            K.nearest_in_cells(
+                                a_zyx, a_idx, b_zyx, starts, items, _CELL, bg[0], bg[1], bg[2], self._cells,
+                                self._bounds, self._index, self.reach, spacing, self._limit, dist,
+                            )  # fmt: skip
                     K.add_counts(st.hist[d], self.ncodes, dist, a_code, a_idx)
                 far = a_idx[dist < 0]
                 if far.size:
