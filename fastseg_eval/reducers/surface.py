@@ -621,6 +621,7 @@ def finish_distances(
             cpus = os.cpu_count() or 1
         workers = max(1, min(red.spawned, cpus))
     far_d: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    jobs = []
     for side, vol in ((_GT, gt), (_PRED, pred)):  # side is the target of direction 1 - side
         d = 1 - side
         labs, pts, codes, occ = [], [], [], []
@@ -638,13 +639,27 @@ def finish_distances(
             occ.append(st.cells[side])
         if not labs:
             continue
+        jobs.append((d, vol, labs, pts, codes, occ))
+
+    def resolve(job: tuple) -> None:
+        d, vol, labs, pts, codes, occ = job
         sizes = [p.shape[0] for p in pts]
         row = np.repeat(np.arange(len(labs)), sizes)
         dist = _resolve_far(red, vol, np.concatenate(pts).astype(np.int64), row, np.stack(occ), np.array(labs), workers)
-        for key in [k for k in red._buffers if isinstance(k, tuple) and k[0] == "far"]:  # far-step scratch
-            del red._buffers[key]
         for lab, part, cd in zip(labs, np.split(dist, np.cumsum(sizes)[:-1]), codes):
             far_d[(lab, d)] = (part, cd)
+
+    try:
+        if workers > 1 and len(jobs) == 2:  # both sides at once: one side's serial steps overlap the other's tiles
+            with ThreadPoolExecutor(2, thread_name_prefix="fastseg-far-side") as ex:
+                for fut in [ex.submit(resolve, job) for job in jobs]:
+                    fut.result()
+        else:
+            for job in jobs:
+                resolve(job)
+    finally:
+        for key in [k for k in red._buffers if isinstance(k, tuple) and k[0] == "far"]:  # far-step scratch
+            del red._buffers[key]
     out = {}
     nd = red.distances.size
     for lab, st in red.labels.items():
