@@ -35,7 +35,7 @@ import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from fastseg_eval.kernels.jit import njit  # numba.njit, with the on-disk cache outside the package
-from fastseg_eval.kernels.simd import lane_eq64, lane_ge64, lane_mask64, popcount
+from fastseg_eval.kernels.simd import lane_diff64, lane_mask64, popcount
 
 LUT_SIZE = 1 << 16  # label values below this map through a direct lookup table
 _LUT_SIZE_U = np.uint64(LUT_SIZE)
@@ -780,76 +780,68 @@ def count_direct_flat(
     return OK
 
 
-# ----------------------------------------------------------- 1-byte labels: peel the pairs of 64
-PEELS = 4  # distinct pairs of a 64-voxel block taken by vector compares; the rest voxel by voxel
-
-
+# ------------------------------------------------------------ 1-byte labels: runs found 64 at a time
 @njit(nogil=True, cache=True)
-def count_peel(g1, p1, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, state):
+def count_runs(g1, p1, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, state):
     """Count a C-contiguous 1-D chunk of 1-byte labels into the dense table ``acc`` (``kcap``
-    columns), 64 voxels at a time; no mask. Returns how many voxels it counted: all of them, or
-    fewer when a block of 64 holds a value past the limits (``gt_limit`` / ``pred_limit``; gt
-    voxels with the ignore label are not checked, as in :func:`count_direct_flat`): the caller
-    counts from there with :func:`count_direct_flat`, which reports the first such voxel. The
-    last ``len % 64`` voxels are left to the caller too.
+    columns) run by run; no mask; gt voxels equal to ``ignore`` (if ``has_ignore``) are counted
+    in ``state[NIGNORED]`` instead. Returns how many voxels it counted: all but the last ``len %
+    64`` (left to the caller), or fewer when a run holds a value past the limits (``gt_limit`` /
+    ``pred_limit``; runs of the ignore label in gt are not checked): it stops at that run's
+    first voxel, the first such voxel in C order, and the caller counts from there with
+    :func:`count_direct_flat`, which reports it.
 
-    A block is first checked whole (two unsigned vector compares). Then its distinct pairs are
-    *peeled*: the pair of the first lane left, the mask of the lanes holding it (two vector
-    compares, an AND), its popcount added to that pair's cell, those lanes cleared, up to
-    :data:`PEELS` times; lanes still left after that are added one by one. A uniform block costs
-    one peel, a block across a boundary two or three, noise at most ``PEELS`` peels and 64
-    single adds. Equal consecutive pairs accumulate in a register run (the background pair
-    never serialises on one counter); ignored gt lanes are counted in ``state[NIGNORED]``.
+    A *run* is a maximal stretch of one (gt, pred) pair. Where runs start comes 64 voxels at a
+    time from two vector compares of each input with itself one voxel later
+    (:func:`~fastseg_eval.kernels.simd.lane_diff64`); the starts are then walked with ``tzcnt``
+    and each run adds its length to its pair's cell with one scalar add. The cost follows the
+    number of runs, not of voxels or of distinct pairs per block: a block inside a run costs the
+    two compares, and segmentations change pair at a few percent of their voxels. (Measured on
+    the K = 256 benchmark volume, 3.4 runs per 64 voxels: 1.8-2x the kernel that peeled each
+    block's distinct pairs by vector compares; random noise, a run per voxel, about the same.
+    Collecting a block's run starts first, branch-free, and adding them in a second loop was
+    measured slower, as was unrolling the walk.)
     """
     n = g1.shape[0]
     nb = n // 64
-    check_g = gt_limit < 256
-    check_p = pred_limit < 256
-    run_idx = 0
-    run_w = 0
+    if nb == 0:
+        return 0
     nignored = 0
-    done = 0
-    use_ignore = has_ignore and ignore < 256  # else no 1-byte value equals it
-    ign = np.uint64(0)
-    for b in range(nb):
-        pos = b * 64
-        left = ~np.uint64(0)
-        if use_ignore:
-            ign = lane_eq64(g1, pos, ignore)
-            left = ~ign
-        bad = np.uint64(0)
-        if check_g:
-            bad |= lane_ge64(g1, pos, gt_limit)
-        if check_p:
-            bad |= lane_ge64(p1, pos, pred_limit)
-        if bad & left:
-            break
-        if use_ignore:
-            nignored += popcount(ign)
-        peels = 0
-        while left != 0:
-            lane = np.int64(trailing_zeros(left))
-            g = g1[pos + lane]
-            p = p1[pos + lane]
-            if peels == PEELS:  # many pairs: the rest voxel by voxel
-                acc[np.int64(g) * kcap + np.int64(p)] += 1
-                left &= left - np.uint64(1)
+    rs = 0  # the open run: its start and pair
+    rg = np.uint64(g1[0])
+    rp = np.uint64(p1[0])
+    m = np.uint64(0)
+    for i in range(1, 64):  # the first block by scalar compares (no voxel before it)
+        if g1[i] != g1[i - 1] or p1[i] != p1[i - 1]:
+            m |= np.uint64(1) << np.uint64(i)
+    pos = 0
+    b = 0
+    end = nb * 64
+    while True:
+        if m == np.uint64(0):
+            b += 1
+            if b < nb:
+                pos = b * 64
+                m = lane_diff64(g1, pos) | lane_diff64(p1, pos)
                 continue
-            m = lane_eq64(g1, pos, g) & lane_eq64(p1, pos, p) & left
-            left &= ~m
-            peels += 1
-            idx = np.int64(g) * kcap + np.int64(p)
-            c = popcount(m)
-            if idx == run_idx:
-                run_w += c
-            else:
-                acc[run_idx] += run_w
-                run_idx = idx
-                run_w = c
-        done = pos + 64
-    acc[run_idx] += run_w
+            e = end  # close the open run at the end of the blocks
+        else:
+            e = pos + trailing_zeros(m)
+            m &= m - np.uint64(1)
+        if has_ignore and rg == ignore:
+            nignored += e - rs
+        elif rg >= gt_limit or rp >= pred_limit:
+            end = rs  # the caller counts from this run on, and reports its first voxel
+            break
+        else:
+            acc[np.int64(rg) * kcap + np.int64(rp)] += e - rs
+        if e == end:
+            break
+        rs = e
+        rg = np.uint64(g1[e])
+        rp = np.uint64(p1[e])
     state[NIGNORED] += nignored
-    return done
+    return end
 
 
 # ----------------------------------------------------------------- K <= 4: bit planes, no branches

@@ -1,19 +1,20 @@
 """LLVM operations numba does not expose, as numba intrinsics: 64 byte lanes compared to a bit
-mask, and a 64-bit population count.
+mask, and bit counts of 64-bit integers.
 
 :func:`lane_mask64` loads 64 bytes as one ``<64 x i8>`` vector, tests each lane against a bit
 pattern and returns the 64 answers as the bits of one uint64 (``icmp`` then ``bitcast <64 x i1>
-to i64``); :func:`lane_eq64` and :func:`lane_ge64` compare each lane with a value (equal,
-unsigned greater or equal) the same way. LLVM lowers this to what the machine has: ``vptestmb`` + ``kmovq`` with AVX-512, two
-``vpcmpeqb`` + ``vpmovmskb`` pairs with AVX2, a short shuffle sequence elsewhere; the result is the
-same everywhere, only the speed differs. numba's own loops cannot express it: a loop that sets
-one bit per byte stays scalar. :func:`popcount` is ``llvm.ctpop.i64`` (``popcnt``);
-:func:`trailing_zeros` and :func:`leading_zeros` are ``llvm.cttz.i64`` / ``llvm.ctlz.i64``
-(``tzcnt`` / ``lzcnt``; 64 for zero), to walk the set bits of a mask.
+to i64``); :func:`lane_diff64` compares each lane with the byte before it (where runs of equal
+bytes start) the same way. LLVM lowers this to what the machine has: ``vptestmb`` /
+``vpcmpneqb`` + ``kmovq`` with AVX-512, ``vpcmpeqb`` + ``vpmovmskb`` pairs with AVX2, a short
+shuffle sequence elsewhere; the result is the same everywhere, only the speed differs. numba's
+own loops cannot express it: a loop that sets one bit per byte stays scalar. :func:`popcount`
+is ``llvm.ctpop.i64`` (``popcnt``); :func:`trailing_zeros` and :func:`leading_zeros` are
+``llvm.cttz.i64`` / ``llvm.ctlz.i64`` (``tzcnt`` / ``lzcnt``; 64 for zero), to walk the set
+bits of a mask.
 
 They are used inside ``@njit`` kernels only (:func:`fastseg_eval.kernels.cpu.count_small`,
-:func:`fastseg_eval.kernels.cpu.count_peel`, :func:`fastseg_eval.kernels.surface.corner_surface`); they compile into the caller, so numba's on-disk
-cache keeps them with it.
+:func:`fastseg_eval.kernels.cpu.count_runs`, :func:`fastseg_eval.kernels.surface.corner_surface`);
+they compile into the caller, so numba's on-disk cache keeps them with it.
 """
 
 from __future__ import annotations
@@ -30,22 +31,23 @@ _V64 = ir.VectorType(_I8, 64)
 
 
 def _lanes(kind: str):  # type: ignore[no-untyped-def]
-    """The codegen of a 64-lane byte comparison: ``kind`` is "and" (``lane & v != 0``), "eq"
-    (``lane == v``) or "ge" (``lane >= v``, unsigned)."""
+    """The codegen of a 64-lane byte comparison: ``kind`` is "and" (``lane & v != 0``) or "diff"
+    (``lane != the byte before it``)."""
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         ptr = builder.gep(ary.data, [args[1]])
         vec = builder.load(builder.bitcast(ptr, _V64.as_pointer()), align=1)
+        if kind == "diff":  # against the vector one byte earlier
+            before = builder.gep(ary.data, [builder.sub(args[1], ir.Constant(args[1].type, 1))])
+            prev = builder.load(builder.bitcast(before, _V64.as_pointer()), align=1)
+            return builder.bitcast(builder.icmp_unsigned("!=", vec, prev), _I64)
         value = args[2] if args[2].type.width == 8 else builder.trunc(args[2], _I8)
         one = builder.insert_element(ir.Constant(_V64, ir.Undefined), value, ir.Constant(_I32, 0))
         splat = builder.shuffle_vector(
             one, ir.Constant(_V64, ir.Undefined), ir.Constant(ir.VectorType(_I32, 64), [0] * 64)
         )
-        if kind == "and":
-            hit = builder.icmp_unsigned("!=", builder.and_(vec, splat), ir.Constant(_V64, [0] * 64))
-        else:
-            hit = builder.icmp_unsigned("==" if kind == "eq" else ">=", vec, splat)
+        hit = builder.icmp_unsigned("!=", builder.and_(vec, splat), ir.Constant(_V64, [0] * 64))
         return builder.bitcast(hit, _I64)
 
     return codegen
@@ -59,21 +61,13 @@ def _byte_array(arr, value) -> bool:  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def lane_eq64(typingctx, arr, pos, value):  # type: ignore[no-untyped-def]
-    """``lane_eq64(arr, pos, value)``: a uint64 whose bit ``i`` is set when ``arr[pos + i] ==
-    value`` (the value's low byte), for ``i`` in 0..63; ``arr`` and ``pos`` as in :func:`lane_mask64`."""
-    if not _byte_array(arr, value):
+def lane_diff64(typingctx, arr, pos):  # type: ignore[no-untyped-def]
+    """``lane_diff64(arr, pos)``: a uint64 whose bit ``i`` is set when ``arr[pos + i] != arr[pos + i
+    - 1]``, for ``i`` in 0..63 (where a run of equal bytes starts); ``pos >= 1`` and ``pos + 64 <=
+    len(arr)`` (the caller's duty: nothing is checked)."""
+    if not _byte_array(arr, pos):
         return None
-    return types.uint64(arr, pos, value), _lanes("eq")
-
-
-@intrinsic
-def lane_ge64(typingctx, arr, pos, value):  # type: ignore[no-untyped-def]
-    """``lane_ge64(arr, pos, value)``: bit ``i`` set when ``arr[pos + i] >= value`` as unsigned
-    bytes (``value`` in 0..255); ``arr`` and ``pos`` as in :func:`lane_mask64`."""
-    if not _byte_array(arr, value):
-        return None
-    return types.uint64(arr, pos, value), _lanes("ge")
+    return types.uint64(arr, pos), _lanes("diff")
 
 
 @intrinsic

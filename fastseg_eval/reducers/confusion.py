@@ -486,8 +486,8 @@ class ConfusionCounts:
                     if raw:  # labels past 3: stop trying on this accumulator's chunks
                         self._small_raw = False
                 done = 0
-                if g1.itemsize == 1 and mv is None:  # 64 voxels at a time, by distinct pair
-                    done = cpu.count_peel(g1, p1, ignore, has_ignore, gl, pl, k, acc, state)
+                if g1.itemsize == 1 and mv is None:  # run by run, run starts found 64 voxels at a time
+                    done = cpu.count_runs(g1, p1, ignore, has_ignore, gl, pl, k, acc, state)
                     if done == g1.size:
                         return
                     g1, p1 = g1[done:], p1[done:]  # the tail, or from a block with a value past K

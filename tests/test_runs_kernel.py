@@ -1,10 +1,11 @@
-"""The peeling kernel for 1-byte labels (``kernels.cpu.count_peel``): 64 voxels at a time, each
-distinct (gt, pred) pair of a block taken by vector compares, up to ``PEELS`` of them, the rest
-voxel by voxel.
+"""The run kernel for 1-byte labels (``kernels.cpu.count_runs``): where runs of one (gt, pred)
+pair start comes 64 voxels at a time from vector compares of each input with itself one voxel
+later; each run adds its length to its pair's cell.
 
-Checked against numpy on uniform blocks, blocks of 2..64 distinct pairs (past ``PEELS``), ignore
-labels, chunk lengths that are not whole blocks, signed 8-bit inputs; a value past K anywhere
-stops the kernel at its block, and the public API then reports that voxel, exactly where it is.
+Checked against numpy on uniform blocks, blocks of 2..64 distinct pairs, runs across block
+edges and across the whole chunk, ignore labels, chunk lengths that are not whole blocks, signed
+8-bit inputs; a value past K anywhere stops the kernel at the first voxel of its run, and the
+public API then reports that voxel, exactly where it is.
 """
 
 from __future__ import annotations
@@ -46,13 +47,15 @@ def _pair(rng, n, k, pairs_per_block):
     seed=st.integers(0, 2**32 - 1),
     use_ignore=st.booleans(),
 )
-def test_count_peel_equals_numpy(k, n, pairs, seed, use_ignore):
+def test_count_runs_equals_numpy(k, n, pairs, seed, use_ignore):
     rng = np.random.default_rng(seed)
     gt, pred = _pair(rng, n, k, pairs)
+    if pairs == 1 and n > 200:  # runs across blocks: one pair over a long stretch
+        gt[50:180], pred[50:180] = gt[60], pred[60]
     ignore = int(gt[0]) if use_ignore and n else None
     acc = np.zeros(k * k, dtype=np.int64)
     state = np.zeros(8, dtype=np.int64)
-    done = cpu.count_peel(
+    done = cpu.count_runs(
         gt, pred, np.uint64(ignore or 0), ignore is not None, np.uint64(k), np.uint64(k), k, acc, state
     )
     assert done == n // 64 * 64  # the tail is the caller's
@@ -63,16 +66,29 @@ def test_count_peel_equals_numpy(k, n, pairs, seed, use_ignore):
 
 @pytest.mark.parametrize("where", [0, 63, 64, 64 * 5 + 17, 64 * 9 - 1, 64 * 9 + 2])
 @pytest.mark.parametrize("side", ["gt", "pred"])
-def test_value_past_k_stops_at_its_block(where, side):
+def test_value_past_k_stops_at_its_run(where, side):
+    """The kernel stops at the first voxel of the run holding the bad value (that voxel itself:
+    the run is made of it, its pair differs from its neighbours'), having counted every voxel
+    before it; past the last whole block, the tail is the caller's."""
     rng = np.random.default_rng(where)
     k = 200
     gt, pred = _pair(rng, 64 * 9 + 5, k, 5)
     (gt if side == "gt" else pred)[where] = 230
     acc = np.zeros(k * k, dtype=np.int64)
     state = np.zeros(8, dtype=np.int64)
-    done = cpu.count_peel(gt, pred, np.uint64(0), False, np.uint64(k), np.uint64(k), k, acc, state)
-    assert done == min(where // 64 * 64, 64 * 9)  # blocks before the bad one counted, no more
+    done = cpu.count_runs(gt, pred, np.uint64(0), False, np.uint64(k), np.uint64(k), k, acc, state)
+    assert done == min(where, 64 * 9)
     np.testing.assert_array_equal(acc.reshape(k, k), _numpy(gt[:done], pred[:done], k))
+
+
+def test_value_past_k_in_a_long_run_stops_at_the_run_start():
+    gt = np.zeros(64 * 4, np.uint8)
+    pred = np.zeros_like(gt)
+    gt[70:150] = 9  # one run across two block edges, past K = 8
+    acc = np.zeros(64, dtype=np.int64)
+    state = np.zeros(8, dtype=np.int64)
+    assert cpu.count_runs(gt, pred, np.uint64(0), False, np.uint64(8), np.uint64(8), 8, acc, state) == 70
+    assert acc[0] == 70 and acc.sum() == 70
 
 
 def test_ignored_gt_voxels_are_not_checked():
@@ -83,15 +99,15 @@ def test_ignored_gt_voxels_are_not_checked():
     pred[70] = 250  # past K, but ignored
     acc = np.zeros(16, dtype=np.int64)
     state = np.zeros(8, dtype=np.int64)
-    assert cpu.count_peel(gt, pred, np.uint64(9), True, np.uint64(4), np.uint64(4), 4, acc, state) == 128
+    assert cpu.count_runs(gt, pred, np.uint64(9), True, np.uint64(4), np.uint64(4), 4, acc, state) == 128
     assert acc[0] == 127 and acc.sum() == 127 and state[cpu.NIGNORED] == 1
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("k", [5, 17, 128])
 def test_through_the_public_api(dtype, k):
-    """Chunks of 1-byte labels with K > 4 go through count_peel: misaligned chunk grids through
-    dask, a tail past the last block, the ignore label."""
+    """Chunks of 1-byte labels with K > 4 go through count_runs: a tail past the last block, the
+    ignore label."""
     rng = np.random.default_rng(k)
     gt, pred = _pair(rng, 7 * 9 * 131, k, 6)
     gt, pred = gt.reshape(7, 9, 131).astype(dtype), pred.reshape(7, 9, 131).astype(dtype)
@@ -119,27 +135,23 @@ def test_negative_int8_values_are_refused():
     assert info.value.position == (1, 2, 90) and info.value.value == -3
 
 
-def test_lane_eq64_and_lane_ge64_equal_numpy():
-    """The compare intrinsics against numpy: every byte value, values given as 8- and 64-bit
-    integers, unsigned order (200 >= 100), unaligned starts."""
+def test_lane_diff64_equals_numpy():
+    """The run-start intrinsic against numpy: bit i set where byte pos + i differs from the byte
+    before it, at unaligned starts, every byte value, equal neighbours across the 64 lanes."""
     from numba import njit
 
-    from fastseg_eval.kernels.simd import lane_eq64, lane_ge64
+    from fastseg_eval.kernels.simd import lane_diff64
 
     @njit
-    def masks(a, pos, v8, v64):
-        return lane_eq64(a, pos, v8), lane_eq64(a, pos, v64), lane_ge64(a, pos, v8), lane_ge64(a, pos, v64)
+    def mask(a, pos):
+        return lane_diff64(a, pos)
 
     rng = np.random.default_rng(4)
-    a = np.concatenate([np.arange(256, dtype=np.uint8), rng.integers(0, 256, size=300, dtype=np.uint8)])
+    a = np.concatenate([
+        np.arange(256, dtype=np.uint8), np.repeat(rng.integers(0, 256, size=60, dtype=np.uint8), 5),
+        np.zeros(100, np.uint8),
+    ])  # fmt: skip
     weights = np.uint64(1) << np.arange(64, dtype=np.uint64)
-
-    def bits(hit):
-        return int(hit.astype(np.uint64) @ weights)
-
-    for v in (0, 1, 100, 127, 128, 200, 255):
-        for pos in (0, 3, 64, 100, 130, len(a) - 64):
-            lanes = a[pos : pos + 64]
-            eq8, eq64, ge8, ge64 = masks(a, pos, np.uint8(v), np.uint64(v))
-            assert int(eq8) == int(eq64) == bits(lanes == v), (v, pos)
-            assert int(ge8) == int(ge64) == bits(lanes >= v), (v, pos)
+    for pos in (1, 3, 64, 100, 255, 256, 300, 480, len(a) - 64):
+        hit = a[pos : pos + 64] != a[pos - 1 : pos + 63]
+        assert int(mask(a, pos)) == int(hit.astype(np.uint64) @ weights), pos
