@@ -6,6 +6,10 @@ Checked against numpy on uniform blocks, blocks of 2..64 distinct pairs, runs ac
 edges and across the whole chunk, ignore labels, chunk lengths that are not whole blocks, signed
 8-bit inputs; a value past K anywhere stops the kernel at the first voxel of its run, and the
 public API then reports that voxel, exactly where it is.
+
+The same for 2-byte labels through the label lookup (``kernels.cpu.count_runs16``, 32 voxels at a
+time): discovery that grows the tables mid-chunk (the kernel stops at a run and resumes there),
+dense and diagonal + marginals tables, runs on the diagonal of every length, errors at their voxel.
 """
 
 from __future__ import annotations
@@ -155,3 +159,92 @@ def test_lane_diff64_equals_numpy():
     for pos in (1, 3, 64, 100, 255, 256, 300, 480, len(a) - 64):
         hit = a[pos : pos + 64] != a[pos - 1 : pos + 63]
         assert int(mask(a, pos)) == int(hit.astype(np.uint64) @ weights), pos
+
+
+# ------------------------------------------------------------- 2-byte labels: count_runs16
+def _pair16(rng, n, values, pairs_per_block):
+    """Blocks of 32 voxels with about ``pairs_per_block`` distinct pairs each, values drawn from ``values``."""
+    nblocks = n // 32 + 1
+    gt = np.empty(nblocks * 32, np.uint16)
+    pred = np.empty(nblocks * 32, np.uint16)
+    for b in range(nblocks):
+        d = int(rng.integers(1, pairs_per_block + 1))
+        cuts = np.sort(rng.choice(np.arange(1, 32), size=d - 1, replace=False))
+        lengths = np.diff(np.concatenate([[0], cuts, [32]]).astype(np.int64))
+        gt[b * 32 : (b + 1) * 32] = np.repeat(rng.choice(values, size=d), lengths)
+        pred[b * 32 : (b + 1) * 32] = np.repeat(rng.choice(values, size=d), lengths)
+    return gt[:n], pred[:n]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 2500),
+    pairs=st.sampled_from([1, 2, 5, 32]),
+    nvalues=st.sampled_from([3, 300, 5000]),
+    seed=st.integers(0, 2**32 - 1),
+    use_ignore=st.booleans(),
+    dense=st.booleans(),
+)
+def test_uint16_chunks_equal_numpy(n, pairs, nvalues, seed, use_ignore, dense):
+    """Discovery of 2-byte labels (tables grown while counting: the kernel stops at a run and
+    resumes there), dense or diagonal + marginals, the ignore label, chunk lengths that are not
+    whole blocks; counts equal numpy's."""
+    rng = np.random.default_rng(seed)
+    values = np.sort(rng.choice(65536, size=nvalues, replace=False)).astype(np.uint16)
+    gt, pred = _pair16(rng, n, values, pairs)
+    agree = rng.random(n) < 0.6  # diagonal runs of every length, down to single voxels
+    pred[agree] = gt[agree]
+    if pairs == 1 and n > 200:
+        gt[20:150], pred[20:150] = gt[30], pred[30]  # a run across block edges
+    ignore = int(gt[n // 2]) if use_ignore else None
+    acc = fse.ConfusionMatrix(ignore_label=ignore, dense_max=65536 if dense else 16)
+    acc.update(pred.reshape(1, 1, n), gt.reshape(1, 1, n))
+    keep = np.ones(n, bool) if ignore is None else gt != ignore
+    labels = np.union1d(gt[keep], pred[keep])
+    np.testing.assert_array_equal(acc.labels, labels)
+    gi, pi = np.searchsorted(labels, gt[keep]), np.searchsorted(labels, pred[keep])
+    k = labels.size
+    table = np.bincount(gi * k + pi, minlength=k * k).reshape(k, k)
+    np.testing.assert_array_equal(acc.gt_counts, table.sum(axis=1))
+    np.testing.assert_array_equal(acc.pred_counts, table.sum(axis=0))
+    np.testing.assert_array_equal(acc.diagonal, np.diagonal(table))
+    if dense and k <= 65536:
+        np.testing.assert_array_equal(acc.counts, table)
+
+
+@pytest.mark.parametrize("where", [0, 31, 32, 32 * 5 + 17, 32 * 9 - 1, 32 * 9 + 2])
+@pytest.mark.parametrize("side", ["gt", "pred"])
+def test_uint16_label_past_k_reported_at_its_voxel(where, side):
+    rng = np.random.default_rng(where)
+    gt, pred = _pair16(rng, 32 * 9 + 5, np.arange(300), 5)
+    (gt if side == "gt" else pred)[where] = 4000
+    with pytest.raises(LabelError) as info:
+        fse.confusion_matrix(pred.reshape(1, 1, -1), gt.reshape(1, 1, -1), num_classes=300)
+    assert info.value.position == (0, 0, where) and info.value.value == 4000 and info.value.role == side
+
+
+def test_negative_int16_reported_at_its_voxel():
+    gt = np.zeros((2, 3, 100), np.int16)
+    pred = np.zeros_like(gt)
+    pred[1, 2, 45] = -7
+    with pytest.raises(LabelError) as info:
+        fse.confusion_matrix(pred, gt, num_classes=1000)
+    assert info.value.position == (1, 2, 45) and info.value.value == -7 and info.value.role == "pred"
+
+
+def test_lane_diff32_equals_numpy():
+    from numba import njit
+
+    from fastseg_eval.kernels.simd import lane_diff32
+
+    @njit
+    def mask(a, pos):
+        return lane_diff32(a, pos)
+
+    rng = np.random.default_rng(6)
+    a = np.concatenate([np.repeat(rng.integers(0, 65536, size=40, dtype=np.uint16), 4), np.zeros(50, np.uint16)])
+    weights = np.uint64(1) << np.arange(32, dtype=np.uint64)
+    for arr in (a, a.view(np.int16)):
+        for pos in (1, 3, 32, 100, 150, len(a) - 32):
+            hit = arr[pos : pos + 32] != arr[pos - 1 : pos + 31]
+            assert int(mask(arr, pos)) == int(hit.astype(np.uint64) @ weights), pos

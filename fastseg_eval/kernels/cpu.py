@@ -35,7 +35,7 @@ import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from fastseg_eval.kernels.jit import njit  # numba.njit, with the on-disk cache outside the package
-from fastseg_eval.kernels.simd import lane_diff64, lane_mask64, popcount
+from fastseg_eval.kernels.simd import lane_diff32, lane_diff64, lane_mask64, popcount
 
 LUT_SIZE = 1 << 16  # label values below this map through a direct lookup table
 _LUT_SIZE_U = np.uint64(LUT_SIZE)
@@ -842,6 +842,84 @@ def count_runs(g1, p1, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, stat
         rp = np.uint64(p1[e])
     state[NIGNORED] += nignored
     return end
+
+
+# ------------------------------------------------- 2-byte labels through the lookup: runs, 32 at a time
+@njit(nogil=True, cache=True)
+def count_runs16(
+    g1, p1, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, identity, dense, lut, hkeys, hvals,
+    labels, kcap, acc, state, start,
+):  # fmt: skip
+    """:func:`count_words` for C-contiguous 1-D chunks of 2-byte labels without a mask, run by run
+    (as :func:`count_runs`: run starts come 32 voxels at a time from two vector compares, see
+    :func:`~fastseg_eval.kernels.simd.lane_diff32`); each run's pair is looked up once and its
+    length added to the dense table or to the marginals (and the diagonal).
+
+    Counts from ``start`` up to the chunk's last multiple of 32 voxels and returns ``OK`` with
+    ``state[POS]`` there (the caller counts the rest with :func:`count_words`), or stops at the
+    first voxel of a run whose label needs room (``GROW_*``) or is refused (``BAD_*``), with
+    ``state[POS]`` / ``state[VALUE]`` as :func:`count_words` sets them: every voxel before it is
+    counted, and that voxel is the first failing one in C order (a run is one value pair).
+    """
+    glim, plim = _limits(gt_signed_from, pred_signed_from, identity, kcap)
+    end = (g1.shape[0] // 32) * 32  # whole blocks only: count_words resumes at a word boundary
+    if start >= end:
+        state[POS] = start
+        return OK
+    state[POS] = end
+    nignored = 0
+    status = OK
+    rs = start  # the open run: its start and pair
+    rg = np.uint64(g1[start])
+    rp = np.uint64(p1[start])
+    nxt = min(end, (start // 32 + 1) * 32)  # blocks are aligned; the part before, by scalar compares
+    m = np.uint64(0)
+    for i in range(start + 1, nxt):
+        if g1[i] != g1[i - 1] or p1[i] != p1[i - 1]:
+            m |= np.uint64(1) << np.uint64(i - start)
+    pos = start
+    while True:
+        if m == np.uint64(0):
+            if nxt < end:
+                pos = nxt
+                nxt += 32
+                m = lane_diff32(g1, pos) | lane_diff32(p1, pos)
+                continue
+            e = end  # close the open run at the end of the blocks
+        else:
+            e = pos + trailing_zeros(m)
+            m &= m - np.uint64(1)
+        if has_ignore and rg == ignore:
+            nignored += e - rs
+        else:
+            ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
+            if ig < 0:
+                ig = _assign(rg, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
+            ip = np.int64(0)
+            if ig >= 0:
+                ip = (np.int64(rp) if identity else np.int64(lut[rp])) if rp < plim else np.int64(-1)
+                if ip < 0:
+                    ip = _assign(rp, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
+            if ig < 0 or ip < 0:
+                status = -ig if ig < 0 else (BAD_PRED if ip == -BAD_GT else -ip)
+                state[VALUE] = np.int64(rg if ig < 0 else rp)
+                state[POS] = rs
+                break
+            w = e - rs
+            if dense:
+                acc[ig * kcap + ip] += w
+            else:
+                acc[ig] += w
+                acc[kcap + ip] += w
+                if ig == ip:
+                    acc[2 * kcap + ig] += w
+        if e == end:
+            break
+        rs = e
+        rg = np.uint64(g1[e])
+        rp = np.uint64(p1[e])
+    state[NIGNORED] += nignored
+    return status
 
 
 # ----------------------------------------------------------------- K <= 4: bit planes, no branches

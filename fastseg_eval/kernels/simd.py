@@ -4,7 +4,7 @@ mask, and bit counts of 64-bit integers.
 :func:`lane_mask64` loads 64 bytes as one ``<64 x i8>`` vector, tests each lane against a bit
 pattern and returns the 64 answers as the bits of one uint64 (``icmp`` then ``bitcast <64 x i1>
 to i64``); :func:`lane_diff64` compares each lane with the byte before it (where runs of equal
-bytes start) the same way. LLVM lowers this to what the machine has: ``vptestmb`` /
+bytes start) the same way, and :func:`lane_diff32` 32 lanes of 16 bits. LLVM lowers this to what the machine has: ``vptestmb`` /
 ``vpcmpneqb`` + ``kmovq`` with AVX-512, ``vpcmpeqb`` + ``vpmovmskb`` pairs with AVX2, a short
 shuffle sequence elsewhere; the result is the same everywhere, only the speed differs. numba's
 own loops cannot express it: a loop that sets one bit per byte stays scalar. :func:`popcount`
@@ -68,6 +68,30 @@ def lane_diff64(typingctx, arr, pos):  # type: ignore[no-untyped-def]
     if not _byte_array(arr, pos):
         return None
     return types.uint64(arr, pos), _lanes("diff")
+
+
+@intrinsic
+def lane_diff32(typingctx, arr, pos):  # type: ignore[no-untyped-def]
+    """:func:`lane_diff64` for 2-byte lanes: bit ``i`` (``i`` in 0..31) set when ``arr[pos + i] !=
+    arr[pos + i - 1]``, ``arr`` a C-contiguous 1-D array of 16-bit integers, ``pos >= 1`` and
+    ``pos + 32 <= len(arr)`` (the caller's duty: nothing is checked)."""
+    if not (
+        isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype.bitwidth == 16
+        and isinstance(pos, types.Integer)
+    ):  # fmt: skip
+        return None
+    vec_t = ir.VectorType(ir.IntType(16), 32)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        here = builder.gep(ary.data, [args[1]])
+        before = builder.gep(ary.data, [builder.sub(args[1], ir.Constant(args[1].type, 1))])
+        vec = builder.load(builder.bitcast(here, vec_t.as_pointer()), align=1)
+        prev = builder.load(builder.bitcast(before, vec_t.as_pointer()), align=1)
+        bits = builder.bitcast(builder.icmp_unsigned("!=", vec, prev), _I32)
+        return builder.zext(bits, _I64)
+
+    return types.uint64(arr, pos), codegen
 
 
 @intrinsic
