@@ -29,17 +29,18 @@ def _numpy(gt, pred, k, ignore=None):
     return np.bincount(gt[keep].astype(np.int64) * k + pred[keep], minlength=k * k).reshape(k, k)
 
 
-def _pair(rng, n, k, pairs_per_block):
-    """Blocks of 64 voxels with about ``pairs_per_block`` distinct pairs each."""
-    nblocks = n // 64 + 1
-    gt = np.empty(nblocks * 64, np.uint8)
-    pred = np.empty(nblocks * 64, np.uint8)
+def _pair(rng, n, values, pairs_per_block, block=64, dtype=np.uint8):
+    """Blocks of ``block`` voxels with about ``pairs_per_block`` distinct pairs each, labels drawn
+    from ``values`` (an array, or ``range(values)`` for an int)."""
+    nblocks = n // block + 1
+    gt = np.empty(nblocks * block, dtype)
+    pred = np.empty(nblocks * block, dtype)
     for b in range(nblocks):
         d = int(rng.integers(1, pairs_per_block + 1))
-        cuts = np.sort(rng.choice(np.arange(1, 64), size=d - 1, replace=False))
-        lengths = np.diff(np.concatenate([[0], cuts, [64]]).astype(np.int64))
-        gt[b * 64 : (b + 1) * 64] = np.repeat(rng.integers(0, k, size=d), lengths)
-        pred[b * 64 : (b + 1) * 64] = np.repeat(rng.integers(0, k, size=d), lengths)
+        cuts = np.sort(rng.choice(np.arange(1, block), size=d - 1, replace=False))
+        lengths = np.diff(np.concatenate([[0], cuts, [block]]).astype(np.int64))
+        gt[b * block : (b + 1) * block] = np.repeat(rng.choice(values, size=d), lengths)
+        pred[b * block : (b + 1) * block] = np.repeat(rng.choice(values, size=d), lengths)
     return gt[:n], pred[:n]
 
 
@@ -163,17 +164,7 @@ def test_lane_diff64_equals_numpy():
 
 # ------------------------------------------------------------- 2-byte labels: count_runs16
 def _pair16(rng, n, values, pairs_per_block):
-    """Blocks of 32 voxels with about ``pairs_per_block`` distinct pairs each, values drawn from ``values``."""
-    nblocks = n // 32 + 1
-    gt = np.empty(nblocks * 32, np.uint16)
-    pred = np.empty(nblocks * 32, np.uint16)
-    for b in range(nblocks):
-        d = int(rng.integers(1, pairs_per_block + 1))
-        cuts = np.sort(rng.choice(np.arange(1, 32), size=d - 1, replace=False))
-        lengths = np.diff(np.concatenate([[0], cuts, [32]]).astype(np.int64))
-        gt[b * 32 : (b + 1) * 32] = np.repeat(rng.choice(values, size=d), lengths)
-        pred[b * 32 : (b + 1) * 32] = np.repeat(rng.choice(values, size=d), lengths)
-    return gt[:n], pred[:n]
+    return _pair(rng, n, values, pairs_per_block, block=32, dtype=np.uint16)
 
 
 @settings(max_examples=40, deadline=None)

@@ -384,6 +384,20 @@ def mark_points(bitmap, zyx, idx, value):
         bitmap[zyx[i, 0], zyx[i, 1], zyx[i, 2]] = value
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _closer(dz, dy, dx, sz, sy, sx, best, best2):
+    """The length of offset ``(dz, dy, dx)`` (spacing ``sz, sy, sx``) and its square when it is
+    shorter than ``best``, else ``(best, best2)``; ``best2`` is ``best * best``, and ``d * d >=
+    best2`` implies ``d >= best`` (``sqrt(fl(b * b)) == b``): most candidates need no root."""
+    fz, fy, fx = dz * sz, dy * sy, dx * sx
+    d2 = (fz * fz + fy * fy) + fx * fx
+    if d2 < best2:
+        d = np.sqrt(d2)
+        if d < best:
+            return d, d * d
+    return best, best2
+
+
 @njit(nogil=True, cache=True)
 def mark_labels(bits, coarse, zyx, lab, n):
     """``bits[zyx[i]] |= 1 << lab[i]`` for the first ``n`` points whose label index is below 8 (one
@@ -418,7 +432,7 @@ def nearest_in_bits(bits32, coarse, bit, a_zyx, a_idx, cell_offsets, cell_bound,
         z, y, x = np.int64(a_zyx[i, 0]), np.int64(a_zyx[i, 1]), np.int64(a_zyx[i, 2])
         cz, cy, cx = z >> 2, y >> 2, x >> 2
         best = limit
-        best2 = limit * limit  # d * d >= best2 implies d >= best (sqrt(fl(b * b)) == b): no root needed
+        best2 = limit * limit
         best_j = -1
         for k in range(cell_offsets.shape[0]):
             if cell_bound[k] >= best:
@@ -443,14 +457,10 @@ def nearest_in_bits(bits32, coarse, bit, a_zyx, a_idx, cell_offsets, cell_bound,
                         dx = qx * 4 + (low >> 3) - x
                         if abs(dx) > reach:
                             continue
-                        fz, fy, fx = dz * sz, dy * sy, dx * sx
-                        d2 = (fz * fz + fy * fy) + fx * fx
-                        if d2 < best2:
-                            d = np.sqrt(d2)
-                            if d < best:
-                                best = d
-                                best2 = d * d
-                                best_j = offset_index[dz + reach, dy + reach, dx + reach]
+                        d, d2 = _closer(dz, dy, dx, sz, sy, sx, best, best2)
+                        if d < best:
+                            best, best2 = d, d2
+                            best_j = offset_index[dz + reach, dy + reach, dx + reach]
         out[t] = best_j
 
 
@@ -538,7 +548,7 @@ def nearest_in_cells(a_zyx, a_idx, b_zyx, starts, items, cell, gz, gy, gx, cell_
         z, y, x = np.int64(a_zyx[i, 0]), np.int64(a_zyx[i, 1]), np.int64(a_zyx[i, 2])
         cz, cy, cx = z // cell, y // cell, x // cell
         best = limit
-        best2 = limit * limit  # d * d >= best2 implies d >= best (sqrt(fl(b * b)) == b): no root needed
+        best2 = limit * limit
         best_j = -1
         for k in range(cell_offsets.shape[0]):
             if cell_bound[k] >= best:
@@ -554,14 +564,10 @@ def nearest_in_cells(a_zyx, a_idx, b_zyx, starts, items, cell, gz, gy, gx, cell_
                 dx = np.int64(b_zyx[j, 2]) - x
                 if abs(dz) > reach or abs(dy) > reach or abs(dx) > reach:
                     continue
-                fz, fy, fx = dz * sz, dy * sy, dx * sx
-                d2 = (fz * fz + fy * fy) + fx * fx
-                if d2 < best2:
-                    d = np.sqrt(d2)
-                    if d < best:
-                        best = d
-                        best2 = d * d
-                        best_j = offset_index[dz + reach, dy + reach, dx + reach]
+                d, d2 = _closer(dz, dy, dx, sz, sy, sx, best, best2)
+                if d < best:
+                    best, best2 = d, d2
+                    best_j = offset_index[dz + reach, dy + reach, dx + reach]
         out[t] = best_j
 
 
