@@ -378,10 +378,13 @@ def group_by_label(lab, nlab, order, starts):
 
 
 @njit(nogil=True, cache=True)
-def mark_points(bitmap, zyx, idx, value):
-    """``bitmap[zyx[i]] = value`` for every ``i`` in ``idx``."""
+def mark_points(bitmap, coarse, zyx, idx, value):
+    """``bitmap[zyx[i]] = value`` for every ``i`` in ``idx``, and the same in ``coarse`` for the
+    point's cell of 4 x 4 x 4 (one label's marks: 1 to mark, 0 to undo every mark)."""
     for i in idx:
-        bitmap[zyx[i, 0], zyx[i, 1], zyx[i, 2]] = value
+        z, y, x = zyx[i, 0], zyx[i, 1], zyx[i, 2]
+        bitmap[z, y, x] = value
+        coarse[z >> 2, y >> 2, x >> 2] = value
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -416,8 +419,10 @@ def mark_labels(bits, coarse, zyx, lab, n):
 def nearest_in_bits(bits32, coarse, bit, a_zyx, a_idx, cell_offsets, cell_bound, offset_index, reach, spacing,
                     limit, out):  # fmt: skip
     """Second stage, on the marks themselves: for the points ``a_idx`` whose ``out`` is still -1, the
-    exact nearest point marked with ``bit``, by cells of 4 x 4 x 4 in order of ``cell_bound`` (as
-    :func:`nearest_in_cells`); a cell is looked into only when ``coarse`` has the bit, then row by
+    exact nearest point marked with ``bit``, by cells of 4 x 4 x 4 in order of ``cell_bound`` (a
+    lower bound of the distance between any two points of cells that far apart; the search stops
+    at the first cell that bound puts beyond the best hit); a cell is looked into only when
+    ``coarse`` has the bit, then row by
     row, 4 marks per 32-bit word (``bits32``: the marks viewed as words, rows padded to 4 bytes).
     Accepts only offsets within ``reach`` on every axis and shorter than ``limit``; ``out`` gets the
     offset's distance index (``offset_index``, indexed by offset + reach), or stays -1."""
@@ -512,63 +517,6 @@ def nearest_marked(bitmap, bit, zyx, idx, offsets, offset_dist, out):
                     found = offset_dist[j]
                     break
         out[t] = found
-
-
-@njit(nogil=True, cache=True)
-def bucket_points(zyx, idx, shift, gy, gx, starts, items):
-    """Counting sort of points ``idx`` into cells of edge ``2**shift``: cell ``c`` holds
-    ``items[starts[c]:starts[c + 1]]`` (``starts`` has one entry per cell plus one, zeroed)."""
-    u = np.uint64(shift)  # coordinates are >= 0: shifts, not divisions by a run-time edge
-    uy, ux = np.uint64(gy), np.uint64(gx)
-    for i in idx:
-        c = ((np.uint64(zyx[i, 0]) >> u) * uy + (np.uint64(zyx[i, 1]) >> u)) * ux + (np.uint64(zyx[i, 2]) >> u)
-        starts[c + np.uint64(1)] += 1
-    for c in range(starts.shape[0] - 1):
-        starts[c + 1] += starts[c]
-    fill = starts[:-1].copy()
-    for i in idx:
-        c = ((np.uint64(zyx[i, 0]) >> u) * uy + (np.uint64(zyx[i, 1]) >> u)) * ux + (np.uint64(zyx[i, 2]) >> u)
-        items[fill[c]] = i
-        fill[c] += 1
-
-
-@njit(nogil=True, cache=True)
-def nearest_in_cells(a_zyx, a_idx, b_zyx, starts, items, cell, gz, gy, gx, cell_offsets, cell_bound,
-                     offset_index, reach, spacing, limit, out):  # fmt: skip
-    """Second stage for the points ``a_idx`` whose ``out`` is still -1: the exact nearest of the
-    bucketed points (see :func:`bucket_points`), by cells in order of ``cell_bound`` (a lower bound
-    of the distance between any two points of cells that far apart), accepting only offsets within
-    ``reach`` on every axis and shorter than ``limit``; ``out`` gets the offset's distance index
-    (``offset_index``, indexed by offset + reach), or stays -1."""
-    sz, sy, sx = spacing[0], spacing[1], spacing[2]
-    for t in range(a_idx.shape[0]):
-        if out[t] >= 0:
-            continue
-        i = a_idx[t]
-        z, y, x = np.int64(a_zyx[i, 0]), np.int64(a_zyx[i, 1]), np.int64(a_zyx[i, 2])
-        cz, cy, cx = z // cell, y // cell, x // cell
-        best = limit
-        best2 = limit * limit
-        best_j = -1
-        for k in range(cell_offsets.shape[0]):
-            if cell_bound[k] >= best:
-                break
-            qz, qy, qx = cz + cell_offsets[k, 0], cy + cell_offsets[k, 1], cx + cell_offsets[k, 2]
-            if qz < 0 or qy < 0 or qx < 0 or qz >= gz or qy >= gy or qx >= gx:
-                continue
-            c = (qz * gy + qy) * gx + qx
-            for m in range(starts[c], starts[c + 1]):
-                j = items[m]
-                dz = np.int64(b_zyx[j, 0]) - z
-                dy = np.int64(b_zyx[j, 1]) - y
-                dx = np.int64(b_zyx[j, 2]) - x
-                if abs(dz) > reach or abs(dy) > reach or abs(dx) > reach:
-                    continue
-                d, d2 = _closer(dz, dy, dx, sz, sy, sx, best, best2)
-                if d < best:
-                    best, best2 = d, d2
-                    best_j = offset_index[dz + reach, dy + reach, dx + reach]
-        out[t] = best_j
 
 
 @njit(nogil=True, cache=True)

@@ -14,10 +14,10 @@ Near points, in the pass (``add``)
     *owns* (in the core), walks the integer offsets ``o`` with ``|o_axis| <= reach``, sorted by
     length, up to the first surface point of the other side. Each side's points are marked once
     per block in a bitmap, one bit per label (the window's first 8 labels; a label past those is
-    marked alone when searched), with the same bits per cell of 4 x 4 x 4 points. The first stage
-    probes the marks up to ``_FIRST_STAGE`` voxels away; the rest walk the cells nearest first,
-    looking into a cell only when its bit is set (a label without a bit: buckets of its points
-    instead). Every point outside that box lies at
+    marked alone, in a plane of its own, when searched), with the same bits per cell of 4 x 4 x 4
+    points. The first stage probes the marks up to ``_FIRST_STAGE`` voxels away; the rest walk
+    the cells nearest first, looking into a cell only when its bit is set. Every point outside
+    that box lies at
     least ``G = (reach + 1) * min(spacing)`` away, and only offsets shorter than ``G`` count, so a
     hit is the exact nearest point. The record is compact and exact: per label and direction, a
     count per (distance value, neighbourhood code), the distance being an index into the sorted
@@ -81,8 +81,7 @@ def _point_buffers(cap: int, table: np.ndarray | None = None, ntab: np.ndarray |
 DIRECTIONS = ("gt_to_pred", "pred_to_gt")  # direction d goes from side d to side 1 - d
 
 
-_CELL_SHIFT = 2
-_CELL = 1 << _CELL_SHIFT  # edge of the buckets of the second search stage (points)
+_CELL = 4  # edge of the cells of the second search stage (points; the kernels' shifts assume 4)
 _FIRST_STAGE = 4.0  # the first stage walks offsets shorter than this many times the smallest spacing
 
 
@@ -327,6 +326,15 @@ class SurfaceDistances:
         )  # fmt: skip
         return zyx[:n], table[: int(ntab[0])].copy(), lab[:n]
 
+    def _one_label(self, bshape: tuple[int, ...], cshape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Marks and cells of one label at a time (labels past a window's 8th), shaped as the
+        bit planes of this block; all zero between uses (every mark is undone)."""
+        size, csize = math.prod(bshape), math.prod(cshape)
+        held = self._buffers.get("one")
+        if held is None or held[0].size < size or held[1].size < csize:
+            held = self._buffers["one"] = (np.zeros(size, np.uint8), np.zeros(csize, np.uint8))
+        return held[0][:size].reshape(bshape), held[1][:csize].reshape(cshape)
+
     def _scratch(self, key: Any, n: int, dtype: Any) -> np.ndarray:
         """``n`` elements of a per-worker scratch array (grown, never shrunk): no allocation churn
         per block, which glibc would otherwise keep as heap fragments."""
@@ -377,8 +385,6 @@ class SurfaceDistances:
         origin = np.array(win0, np.int64)
         c, (_, gy, gx) = self.cell, self.grid
         cell_of = [((np.arange(m + 2) + o) // c).astype(np.int32) for m, o in zip(n, win0)]  # coarse cell per coordinate
-        bg = tuple(-(-(s + 1) // _CELL) for s in n)  # buckets of the second search stage
-        starts = np.zeros(math.prod(bg) + 1, np.int64)
         spacing = np.array(self.spacing)
         first_offsets, first_dist = self.offsets[: self._first], self.offset_dist[: self._first]
         for lab_value in sorted(set(sides[0][3]) | set(sides[1][3])):
@@ -412,20 +418,15 @@ class SurfaceDistances:
                                 self._bounds, self._index, self.reach, spacing, self._limit, dist,
                             )  # fmt: skip
                     else:  # a window of more than 8 labels: this one marked alone, then unmarked
-                        bitmap = self._buffers.get("bitmap")  # kept all zero between uses
-                        if bitmap is None or bitmap.shape != tuple(s + 1 for s in n):
-                            bitmap = self._buffers["bitmap"] = np.zeros(tuple(s + 1 for s in n), np.uint8)
-                        K.mark_points(bitmap, b_zyx, b_idx, 1)
-                        K.nearest_marked(bitmap, np.uint8(1), a_zyx, a_idx, first_offsets, first_dist, dist)
-                        K.mark_points(bitmap, b_zyx, b_idx, 0)
-                        if np.any(dist < 0):  # no counterpart among the nearest offsets: by buckets
-                            starts[:] = 0
-                            items = self._scratch("items", b_idx.size, np.int64)
-                            K.bucket_points(b_zyx, b_idx, _CELL_SHIFT, bg[1], bg[2], starts, items)
-                            K.nearest_in_cells(
-                                a_zyx, a_idx, b_zyx, starts, items, _CELL, bg[0], bg[1], bg[2], self._cells,
+                        one, one_cells = self._one_label(bits[0].shape, coarse[0].shape)
+                        K.mark_points(one, one_cells, b_zyx, b_idx, 1)
+                        K.nearest_marked(one, np.uint8(1), a_zyx, a_idx, first_offsets, first_dist, dist)
+                        if np.any(dist < 0):
+                            K.nearest_in_bits(
+                                one.view(np.uint32), one_cells, np.uint8(1), a_zyx, a_idx, self._cells,
                                 self._bounds, self._index, self.reach, spacing, self._limit, dist,
                             )  # fmt: skip
+                        K.mark_points(one, one_cells, b_zyx, b_idx, 0)
                     K.add_counts(st.hist[d], self.ncodes, dist, a_code, a_idx)
                 far = a_idx[dist < 0]
                 if far.size:
