@@ -131,13 +131,20 @@ def test_invalid_label_reported_at_its_voxel(where):
     assert info.value.position == where and info.value.value == 77 and info.value.role == "pred"
 
 
-def test_negative_int8_values_are_refused():
-    gt = np.zeros((2, 3, 100), np.int8)
+@pytest.mark.parametrize(
+    "dtype,side,where,value,k",
+    [(np.int8, "gt", (1, 2, 90), -3, 200), (np.int16, "pred", (1, 2, 45), -7, 1000)],
+    ids=["int8-gt", "int16-pred"],
+)
+def test_negative_values_are_refused_at_their_voxel(dtype, side, where, value, k):
+    """Signed 1-byte (count_runs) and 2-byte (count_runs16) labels: a negative value is refused
+    where it is."""
+    gt = np.zeros((2, 3, 100), dtype)
     pred = np.zeros_like(gt)
-    gt[1, 2, 90] = -3
+    (gt if side == "gt" else pred)[where] = value
     with pytest.raises(LabelError) as info:
-        fse.confusion_matrix(pred, gt, num_classes=200)
-    assert info.value.position == (1, 2, 90) and info.value.value == -3
+        fse.confusion_matrix(pred, gt, num_classes=k)
+    assert info.value.position == where and info.value.value == value and info.value.role == side
 
 
 def test_lane_diff64_equals_numpy():
@@ -212,15 +219,6 @@ def test_uint16_label_past_k_reported_at_its_voxel(where, side):
     with pytest.raises(LabelError) as info:
         fse.confusion_matrix(pred.reshape(1, 1, -1), gt.reshape(1, 1, -1), num_classes=300)
     assert info.value.position == (0, 0, where) and info.value.value == 4000 and info.value.role == side
-
-
-def test_negative_int16_reported_at_its_voxel():
-    gt = np.zeros((2, 3, 100), np.int16)
-    pred = np.zeros_like(gt)
-    pred[1, 2, 45] = -7
-    with pytest.raises(LabelError) as info:
-        fse.confusion_matrix(pred, gt, num_classes=1000)
-    assert info.value.position == (1, 2, 45) and info.value.value == -7 and info.value.role == "pred"
 
 
 def test_lane_diff32_equals_numpy():
