@@ -860,6 +860,10 @@ def count_runs16(
     first voxel of a run whose label needs room (``GROW_*``) or is refused (``BAD_*``), with
     ``state[POS]`` / ``state[VALUE]`` as :func:`count_words` sets them: every voxel before it is
     counted, and that voxel is the first failing one in C order (a run is one value pair).
+
+    The lookup of a run's pair is written out as in :func:`count_words`: the same lines as a
+    shared ``@njit`` helper (array arguments) measured 3x slower on uint16 ids (0.84 against
+    2.4 Gvoxel/s).
     """
     glim, plim = _limits(gt_signed_from, pred_signed_from, identity, kcap)
     end = (g1.shape[0] // 32) * 32  # whole blocks only: count_words resumes at a word boundary
