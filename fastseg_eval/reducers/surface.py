@@ -409,24 +409,22 @@ class SurfaceDistances:
                 dist.fill(-1)
                 if b_idx is not None and b_idx.size:
                     li = sides[1 - d][4][lab_value]
-                    if li < 8:  # marked by the extraction: both stages read the marks
-                        bit = np.uint8(1 << li)
-                        K.nearest_marked(bits[1 - d], bit, a_zyx, a_idx, first_offsets, first_dist, dist)
+                    if li < 8:  # marked by the extraction
+                        plane, cells, bit = bits[1 - d], coarse[1 - d], np.uint8(1 << li)
+                    else:  # past a window's 8th label: marked alone, in a plane of its own, then unmarked
+                        plane, cells = self._one_label(bits[0].shape, coarse[0].shape)
+                        bit = np.uint8(1)
+                        K.mark_points(plane, cells, b_zyx, b_idx, 1)
+                    try:
+                        K.nearest_marked(plane, bit, a_zyx, a_idx, first_offsets, first_dist, dist)
                         if np.any(dist < 0):  # no counterpart among the nearest offsets: by cells
                             K.nearest_in_bits(
-                                bits[1 - d].view(np.uint32), coarse[1 - d], bit, a_zyx, a_idx, self._cells,
-                                self._bounds, self._index, self.reach, spacing, self._limit, dist,
+                                plane.view(np.uint32), cells, bit, a_zyx, a_idx, self._cells, self._bounds,
+                                self._index, self.reach, spacing, self._limit, dist,
                             )  # fmt: skip
-                    else:  # a window of more than 8 labels: this one marked alone, then unmarked
-                        one, one_cells = self._one_label(bits[0].shape, coarse[0].shape)
-                        K.mark_points(one, one_cells, b_zyx, b_idx, 1)
-                        K.nearest_marked(one, np.uint8(1), a_zyx, a_idx, first_offsets, first_dist, dist)
-                        if np.any(dist < 0):
-                            K.nearest_in_bits(
-                                one.view(np.uint32), one_cells, np.uint8(1), a_zyx, a_idx, self._cells,
-                                self._bounds, self._index, self.reach, spacing, self._limit, dist,
-                            )  # fmt: skip
-                        K.mark_points(one, one_cells, b_zyx, b_idx, 0)
+                    finally:
+                        if li >= 8:
+                            K.mark_points(plane, cells, b_zyx, b_idx, 0)
                     K.add_counts(st.hist[d], self.ncodes, dist, a_code, a_idx)
                 far = a_idx[dist < 0]
                 if far.size:
