@@ -4,9 +4,10 @@ mask, and bit counts of 64-bit integers.
 :func:`lane_mask64` loads 64 bytes as one ``<64 x i8>`` vector, tests each lane against a bit
 pattern and returns the 64 answers as the bits of one uint64 (``icmp`` then ``bitcast <64 x i1>
 to i64``); :func:`lane_diff64` compares each lane with the byte before it (where runs of equal
-bytes start) the same way, and :func:`lane_diff32` 32 lanes of 16 bits. LLVM lowers this to what the machine has: ``vptestmb`` /
-``vpcmpneqb`` + ``kmovq`` with AVX-512, ``vpcmpeqb`` + ``vpmovmskb`` pairs with AVX2, a short
-shuffle sequence elsewhere; the result is the same everywhere, only the speed differs. numba's
+bytes start) the same way, and :func:`lane_diff32` 32 lanes of 16 bits. LLVM lowers this to
+what the machine has: ``vptestmb`` / ``vpcmpneqb`` + ``kmovq`` with AVX-512, ``vpcmpeqb`` +
+``vpmovmskb`` pairs with AVX2, a short shuffle sequence elsewhere; the result is the same
+everywhere, only the speed differs. numba's
 own loops cannot express it: a loop that sets one bit per byte stays scalar. :func:`popcount`
 is ``llvm.ctpop.i64`` (``popcnt``); :func:`trailing_zeros` and :func:`leading_zeros` are
 ``llvm.cttz.i64`` / ``llvm.ctlz.i64`` (``tzcnt`` / ``lzcnt``; 64 for zero), to walk the set
@@ -31,17 +32,12 @@ _V64 = ir.VectorType(_I8, 64)
 
 
 def _lanes(kind: str):  # type: ignore[no-untyped-def]
-    """The codegen of a 64-lane byte comparison: ``kind`` is "and" (``lane & v != 0``) or "diff"
-    (``lane != the byte before it``)."""
+    """The codegen of a 64-lane byte comparison: ``kind`` is "and" (``lane & v != 0``)."""
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         ptr = builder.gep(ary.data, [args[1]])
         vec = builder.load(builder.bitcast(ptr, _V64.as_pointer()), align=1)
-        if kind == "diff":  # against the vector one byte earlier
-            before = builder.gep(ary.data, [builder.sub(args[1], ir.Constant(args[1].type, 1))])
-            prev = builder.load(builder.bitcast(before, _V64.as_pointer()), align=1)
-            return builder.bitcast(builder.icmp_unsigned("!=", vec, prev), _I64)
         value = args[2] if args[2].type.width == 8 else builder.trunc(args[2], _I8)
         one = builder.insert_element(ir.Constant(_V64, ir.Undefined), value, ir.Constant(_I32, 0))
         splat = builder.shuffle_vector(
@@ -53,11 +49,30 @@ def _lanes(kind: str):  # type: ignore[no-untyped-def]
     return codegen
 
 
-def _byte_array(arr, value) -> bool:  # type: ignore[no-untyped-def]
+def _byte_array(arr, value, bits: int = 8) -> bool:  # type: ignore[no-untyped-def]
     return (
-        isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype.bitwidth == 8
+        isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype.bitwidth == bits
         and isinstance(value, types.Integer)
     )  # fmt: skip
+
+
+def _diff(width: int):  # type: ignore[no-untyped-def]
+    """The codegen of :func:`lane_diff64` (``width`` 8) and :func:`lane_diff32` (16): the 512 bits
+    at ``pos`` and at ``pos - 1`` loaded as vectors of ``width``-bit lanes, compared lane by lane,
+    the answers returned as the low bits of a uint64."""
+    lanes = 512 // width
+    vec_t = ir.VectorType(ir.IntType(width), lanes)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        here = builder.gep(ary.data, [args[1]])
+        before = builder.gep(ary.data, [builder.sub(args[1], ir.Constant(args[1].type, 1))])
+        vec = builder.load(builder.bitcast(here, vec_t.as_pointer()), align=1)
+        prev = builder.load(builder.bitcast(before, vec_t.as_pointer()), align=1)
+        bits = builder.bitcast(builder.icmp_unsigned("!=", vec, prev), ir.IntType(lanes))
+        return bits if lanes == 64 else builder.zext(bits, _I64)
+
+    return codegen
 
 
 @intrinsic
@@ -67,7 +82,7 @@ def lane_diff64(typingctx, arr, pos):  # type: ignore[no-untyped-def]
     len(arr)`` (the caller's duty: nothing is checked)."""
     if not _byte_array(arr, pos):
         return None
-    return types.uint64(arr, pos), _lanes("diff")
+    return types.uint64(arr, pos), _diff(8)
 
 
 @intrinsic
@@ -75,23 +90,9 @@ def lane_diff32(typingctx, arr, pos):  # type: ignore[no-untyped-def]
     """:func:`lane_diff64` for 2-byte lanes: bit ``i`` (``i`` in 0..31) set when ``arr[pos + i] !=
     arr[pos + i - 1]``, ``arr`` a C-contiguous 1-D array of 16-bit integers, ``pos >= 1`` and
     ``pos + 32 <= len(arr)`` (the caller's duty: nothing is checked)."""
-    if not (
-        isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype.bitwidth == 16
-        and isinstance(pos, types.Integer)
-    ):  # fmt: skip
+    if not _byte_array(arr, pos, bits=16):
         return None
-    vec_t = ir.VectorType(ir.IntType(16), 32)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        here = builder.gep(ary.data, [args[1]])
-        before = builder.gep(ary.data, [builder.sub(args[1], ir.Constant(args[1].type, 1))])
-        vec = builder.load(builder.bitcast(here, vec_t.as_pointer()), align=1)
-        prev = builder.load(builder.bitcast(before, vec_t.as_pointer()), align=1)
-        bits = builder.bitcast(builder.icmp_unsigned("!=", vec, prev), _I32)
-        return builder.zext(bits, _I64)
-
-    return types.uint64(arr, pos), codegen
+    return types.uint64(arr, pos), _diff(16)
 
 
 @intrinsic
