@@ -1,5 +1,5 @@
 """LLVM operations numba does not expose, as numba intrinsics: 64 byte lanes compared to a bit
-mask, and bit counts of 64-bit integers.
+mask, and a 64-bit population count.
 
 :func:`lane_mask64` loads 64 bytes as one ``<64 x i8>`` vector, tests each lane against a bit
 pattern and returns the 64 answers as the bits of one uint64 (``icmp`` then ``bitcast <64 x i1>
@@ -9,9 +9,8 @@ what the machine has: ``vptestmb`` / ``vpcmpneqb`` + ``kmovq`` with AVX-512, ``v
 ``vpmovmskb`` pairs with AVX2, a short shuffle sequence elsewhere; the result is the same
 everywhere, only the speed differs. numba's
 own loops cannot express it: a loop that sets one bit per byte stays scalar. :func:`popcount`
-is ``llvm.ctpop.i64`` (``popcnt``); :func:`trailing_zeros` and :func:`leading_zeros` are
-``llvm.cttz.i64`` / ``llvm.ctlz.i64`` (``tzcnt`` / ``lzcnt``; 64 for zero), to walk the set
-bits of a mask.
+is ``llvm.ctpop.i64`` (``popcnt``). To walk a mask's set bits, the kernels use numba's own
+``trailing_zeros`` / ``leading_zeros`` (``numba.cpython.unsafe.numbers``).
 
 They are used inside ``@njit`` kernels only (:func:`fastseg_eval.kernels.cpu.count_small`,
 :func:`fastseg_eval.kernels.cpu.count_runs`, :func:`fastseg_eval.kernels.surface.corner_surface`);
@@ -119,26 +118,3 @@ def popcount(typingctx, x):  # type: ignore[no-untyped-def]
 
     return sig, codegen
 
-
-def _bit_count(name: str, doc: str):  # type: ignore[no-untyped-def]
-    """An intrinsic ``f(x) -> int64`` for a 64-bit integer ``x`` calling ``llvm.<name>.i64(x, false)``
-    (zero input defined: 64)."""
-
-    def impl(typingctx, x):  # type: ignore[no-untyped-def]
-        if not (isinstance(x, types.Integer) and x.bitwidth == 64):
-            return None
-
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            fnty = ir.FunctionType(_I64, [_I64, ir.IntType(1)])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.{name}.i64")
-            return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 0)])
-
-        return types.int64(x), codegen
-
-    impl.__name__ = impl.__qualname__ = "trailing_zeros" if name == "cttz" else "leading_zeros"
-    impl.__doc__ = doc
-    return intrinsic(impl)
-
-
-trailing_zeros = _bit_count("cttz", "The number of trailing zero bits of a 64-bit integer (64 for 0), as int64.")
-leading_zeros = _bit_count("ctlz", "The number of leading zero bits of a 64-bit integer (64 for 0), as int64.")

@@ -25,9 +25,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numba.cpython.unsafe.numbers import leading_zeros, trailing_zeros  # numba's llvm.ctlz / cttz
 
 from fastseg_eval.kernels.jit import njit
-from fastseg_eval.kernels.simd import lane_mask64, leading_zeros, trailing_zeros
+from fastseg_eval.kernels.simd import lane_mask64
 
 SENTINEL = np.int64(-1)  # "outside the volume" in a corner's neighbourhood (labels are >= 0)
 
@@ -199,14 +200,14 @@ def _corner_row(r0, r1, r2, r3, z, y, xs, xe, own_zy, ox0, ox1, skip, table, nta
         if xe - pos < 64:
             m &= (np.uint64(1) << np.uint64(xe - pos)) - np.uint64(1)
         while m != 0:
-            x = pos + trailing_zeros(m)
+            x = pos + np.int64(trailing_zeros(m))
             m &= m - np.uint64(1)
             own = own_zy and ox0 <= x < ox1
             labs[0], labs[1], labs[2], labs[3] = r0[x - 1], r0[x], r1[x - 1], r1[x]
             labs[4], labs[5], labs[6], labs[7] = r2[x - 1], r2[x], r3[x - 1], r3[x]
             left = np.int64(255)  # voxels not yet covered by a label, bit 7 - j for voxel j
             while left != 0:
-                w = labs[leading_zeros(left) - 56]
+                w = labs[np.int64(leading_zeros(left)) - 56]
                 code = (
                     (np.int64(labs[0] == w) << 7) | (np.int64(labs[1] == w) << 6) | (np.int64(labs[2] == w) << 5)
                     | (np.int64(labs[3] == w) << 4) | (np.int64(labs[4] == w) << 3)
@@ -457,7 +458,7 @@ def nearest_in_bits(bits32, coarse, bit, a_zyx, a_idx, cell_offsets, cell_bound,
                         continue
                     w = bits32[pz, py, qx] & word
                     while w != 0:
-                        low = trailing_zeros(np.uint64(w))
+                        low = np.int64(trailing_zeros(w))
                         w &= w - np.uint32(1)  # one bit per byte: the byte is done
                         dx = qx * 4 + (low >> 3) - x
                         if abs(dx) > reach:
