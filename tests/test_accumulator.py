@@ -108,6 +108,36 @@ def test_merge_into_fixed_label_space():
     np.testing.assert_array_equal(fixed.counts, before)  # unchanged by the refused merge
 
 
+@pytest.mark.parametrize("k", [3, 65536, 65540], ids=["K=3", "K=65536", "K=65540 (hashed)"])
+@pytest.mark.parametrize("dense_max", [1024, 2], ids=["dense", "marginals"])
+def test_fixed_range_space_spawned_and_merged(k, dense_max):
+    """``num_classes=K`` builds its label space without hashing where values are indices (K <=
+    65536); spawned workers' tables add as they are, other fixed spaces through the labels."""
+    rng = np.random.default_rng(k)
+    pool = np.array([0, 1, k - 2, k - 1], dtype=np.int64)
+    pred, gt = rng.choice(pool, size=(2, 5, 7, 9))
+    parts = [fse.ConfusionMatrix(k, dense_max=dense_max) for _ in range(2)]
+    parts.append(parts[0].spawn())
+    for part, sl in zip(parts, (slice(0, 2), slice(2, 4), slice(4, 5))):
+        part.update(pred[sl], gt[sl])
+    shuffled = fse.ConfusionMatrix(labels=[k - 1, *range(k - 1)], dense_max=dense_max)  # same labels, other order
+    shuffled.update(pred[:1], gt[:1])
+    whole = parts[0].merge(parts[1]).merge(parts[2])
+    ref, _ = reference_confusion(pred, gt, labels=range(k)) if k < 100 else (None, None)
+    if ref is not None:
+        _same_counts(whole, ref, range(k))
+    np.testing.assert_array_equal(whole.diagonal, np.bincount(gt[gt == pred], minlength=k))
+    np.testing.assert_array_equal(whole.gt_counts, np.bincount(gt.ravel(), minlength=k))
+    np.testing.assert_array_equal(whole.pred_counts, np.bincount(pred.ravel(), minlength=k))
+    assert whole.n_voxels == gt.size
+    with pytest.raises(LabelError, match=f"label {k}"):
+        fse.ConfusionMatrix(k).update(np.array([k]), np.array([0]))
+    before = fse.ConfusionMatrix(k, dense_max=dense_max).update(pred[:1], gt[:1])
+    before.merge(shuffled)  # the same labels in another order go through the lookup
+    np.testing.assert_array_equal(before.gt_counts, 2 * np.bincount(gt[:1].ravel(), minlength=k))
+    np.testing.assert_array_equal(before.diagonal, 2 * np.bincount(gt[:1][gt[:1] == pred[:1]], minlength=k))
+
+
 def test_merge_num_classes_with_discovered_and_marginals():
     a = fse.ConfusionMatrix(4).update(np.array([0, 1, 2, 3]), np.array([0, 1, 1, 3]))
     b = fse.ConfusionMatrix(dense_max=1).update(np.array([2, 2]), np.array([2, 0]))

@@ -153,7 +153,11 @@ class ConfusionCounts:
         self._fill_buffers: dict[str, np.ndarray] = {}  # unstored chunks beside stored ones, filled
         self._side: np.ndarray | None = None  # scratch of the flat kernel (zero between calls)
         self._alloc(kcap, dense)
-        if fixed is not None:
+        if self._identity and nfixed <= cpu.LUT_SIZE:  # labels 0..K-1: value v is index v, no hashing
+            self._keys[:nfixed] = np.arange(nfixed, dtype=np.uint64)
+            self._lut[:nfixed] = np.arange(nfixed, dtype=np.int32)
+            self._state[cpu.NLAB] = nfixed
+        elif fixed is not None:
             self._add_keys(np.asarray(fixed, dtype=np.uint64))
 
     # ------------------------------------------------------------------ storage
@@ -618,6 +622,13 @@ class ConfusionCounts:
             )
         n_other = int(other._state[cpu.NLAB])
         keys = other._keys[:n_other]
+        if (
+            self._fixed and other._fixed and self._dense == other._dense and self._kcap == other._kcap
+            and n_other == int(self._state[cpu.NLAB]) and np.array_equal(keys, self._keys[:n_other])
+        ):  # the same label space in the same order (a spawned worker's): add the tables as they are
+            self._acc += other._acc
+            self._merge_rest(other)
+            return self
         if self._fixed:
             idx = lookup_labels(keys, self._lut, self._hkeys, self._hvals)
             missing = keys[idx < 0]
@@ -646,12 +657,16 @@ class ConfusionCounts:
         else:
             for mine, theirs in zip(self._marginal_parts(), other._marginals_raw()):
                 mine[dst] += theirs[src_idx]
+        self._merge_rest(other)
+        return self
+
+    def _merge_rest(self, other: ConfusionCounts) -> None:
+        """What :meth:`merge` adds besides the table: skipped voxels and the probability histogram."""
         for slot in (cpu.NIGNORED, cpu.NMASKED):
             self._state[slot] += other._state[slot]
         if self._prob is not None:
             self._hist += other._hist
             self._prob_max = max(self._prob_max, other._prob_max)
-        return self
 
     def __add__(self, other: ConfusionCounts) -> ConfusionCounts:
         out = self.copy()
