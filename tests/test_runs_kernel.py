@@ -1,6 +1,8 @@
 """The run kernel for 1-byte labels (``kernels.cpu.count_runs``): where runs of one (gt, pred)
 pair start comes 64 voxels at a time from vector compares of each input with itself one voxel
-later; each run adds its length to its pair's cell.
+later; each run adds its length to its pair's cell. ``count_runs_listed`` (and
+``count_runs16_listed``) list a stretch's run starts first by vector compress, then count them;
+every test of a kernel runs on both kinds, and the public API's on both choices of the reducer.
 
 Checked against numpy on uniform blocks, blocks of 2..64 distinct pairs, runs across block
 edges and across the whole chunk, ignore labels, chunk lengths that are not whole blocks, signed
@@ -16,12 +18,32 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastseg_eval as fse
 from fastseg_eval.errors import LabelError
-from fastseg_eval.kernels import cpu
+from fastseg_eval.kernels import cpu, simd
+from fastseg_eval.reducers import confusion
+
+_LISTED = pytest.mark.skipif(not simd.VECTOR_COMPRESS, reason="numba's LLVM has no vector compress (LLVM < 19)")
+
+
+def _listed(g1, p1, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, state):
+    starts = np.full(cpu.LIST_SIZE, 0xABCD, dtype=np.uint16)  # garbage: every slot used is written first
+    return cpu.count_runs_listed(g1, p1, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, state, starts)
+
+
+RUNS = pytest.mark.parametrize(
+    "runs", [cpu.count_runs, pytest.param(_listed, marks=_LISTED)], ids=["walked", "listed"]
+)
+
+
+@pytest.fixture(params=[False, pytest.param(True, marks=_LISTED)], ids=["walked", "listed"])
+def kernel_choice(request, monkeypatch):
+    """The reducer's choice of run kernels, both ways (whatever this CPU would choose)."""
+    monkeypatch.setattr(confusion, "LISTED_RUNS", request.param)
+    return request.param
 
 
 def _numpy(gt, pred, k, ignore=None):
@@ -52,7 +74,8 @@ def _pair(rng, n, values, pairs_per_block, block=64, dtype=np.uint8):
     seed=st.integers(0, 2**32 - 1),
     use_ignore=st.booleans(),
 )
-def test_count_runs_equals_numpy(k, n, pairs, seed, use_ignore):
+@RUNS
+def test_count_runs_equals_numpy(runs, k, n, pairs, seed, use_ignore):
     rng = np.random.default_rng(seed)
     gt, pred = _pair(rng, n, k, pairs)
     if pairs == 1 and n > 200:  # runs across blocks: one pair over a long stretch
@@ -60,9 +83,7 @@ def test_count_runs_equals_numpy(k, n, pairs, seed, use_ignore):
     ignore = int(gt[0]) if use_ignore and n else None
     acc = np.zeros(k * k, dtype=np.int64)
     state = np.zeros(8, dtype=np.int64)
-    done = cpu.count_runs(
-        gt, pred, np.uint64(ignore or 0), ignore is not None, np.uint64(k), np.uint64(k), k, acc, state
-    )
+    done = runs(gt, pred, np.uint64(ignore or 0), ignore is not None, np.uint64(k), np.uint64(k), k, acc, state)
     assert done == n // 64 * 64  # the tail is the caller's
     np.testing.assert_array_equal(acc.reshape(k, k), _numpy(gt[:done], pred[:done], k, ignore))
     if ignore is not None:
@@ -71,7 +92,8 @@ def test_count_runs_equals_numpy(k, n, pairs, seed, use_ignore):
 
 @pytest.mark.parametrize("where", [0, 63, 64, 64 * 5 + 17, 64 * 9 - 1, 64 * 9 + 2])
 @pytest.mark.parametrize("side", ["gt", "pred"])
-def test_value_past_k_stops_at_its_run(where, side):
+@RUNS
+def test_value_past_k_stops_at_its_run(runs, where, side):
     """The kernel stops at the first voxel of the run holding the bad value (that voxel itself:
     the run is made of it, its pair differs from its neighbours'), having counted every voxel
     before it; past the last whole block, the tail is the caller's."""
@@ -81,22 +103,24 @@ def test_value_past_k_stops_at_its_run(where, side):
     (gt if side == "gt" else pred)[where] = 230
     acc = np.zeros(k * k, dtype=np.int64)
     state = np.zeros(8, dtype=np.int64)
-    done = cpu.count_runs(gt, pred, np.uint64(0), False, np.uint64(k), np.uint64(k), k, acc, state)
+    done = runs(gt, pred, np.uint64(0), False, np.uint64(k), np.uint64(k), k, acc, state)
     assert done == min(where, 64 * 9)
     np.testing.assert_array_equal(acc.reshape(k, k), _numpy(gt[:done], pred[:done], k))
 
 
-def test_value_past_k_in_a_long_run_stops_at_the_run_start():
+@RUNS
+def test_value_past_k_in_a_long_run_stops_at_the_run_start(runs):
     gt = np.zeros(64 * 4, np.uint8)
     pred = np.zeros_like(gt)
     gt[70:150] = 9  # one run across two block edges, past K = 8
     acc = np.zeros(64, dtype=np.int64)
     state = np.zeros(8, dtype=np.int64)
-    assert cpu.count_runs(gt, pred, np.uint64(0), False, np.uint64(8), np.uint64(8), 8, acc, state) == 70
+    assert runs(gt, pred, np.uint64(0), False, np.uint64(8), np.uint64(8), 8, acc, state) == 70
     assert acc[0] == 70 and acc.sum() == 70
 
 
-def test_ignored_gt_voxels_are_not_checked():
+@RUNS
+def test_ignored_gt_voxels_are_not_checked(runs):
     """As in the word kernel: a gt voxel with the ignore label is skipped whatever its pred value."""
     gt = np.zeros(128, np.uint8)
     pred = np.zeros(128, np.uint8)
@@ -104,13 +128,13 @@ def test_ignored_gt_voxels_are_not_checked():
     pred[70] = 250  # past K, but ignored
     acc = np.zeros(16, dtype=np.int64)
     state = np.zeros(8, dtype=np.int64)
-    assert cpu.count_runs(gt, pred, np.uint64(9), True, np.uint64(4), np.uint64(4), 4, acc, state) == 128
+    assert runs(gt, pred, np.uint64(9), True, np.uint64(4), np.uint64(4), 4, acc, state) == 128
     assert acc[0] == 127 and acc.sum() == 127 and state[cpu.NIGNORED] == 1
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("k", [5, 17, 128])
-def test_through_the_public_api(dtype, k):
+def test_through_the_public_api(kernel_choice, dtype, k):
     """Chunks of 1-byte labels with K > 4 go through count_runs: a tail past the last block, the
     ignore label."""
     rng = np.random.default_rng(k)
@@ -121,7 +145,7 @@ def test_through_the_public_api(dtype, k):
 
 
 @pytest.mark.parametrize("where", [(0, 0, 0), (3, 5, 64), (6, 8, 130)])
-def test_invalid_label_reported_at_its_voxel(where):
+def test_invalid_label_reported_at_its_voxel(kernel_choice, where):
     rng = np.random.default_rng(1)
     gt, pred = _pair(rng, 7 * 9 * 131, 10, 4)
     gt, pred = gt.reshape(7, 9, 131), pred.reshape(7, 9, 131)
@@ -136,7 +160,7 @@ def test_invalid_label_reported_at_its_voxel(where):
     [(np.int8, "gt", (1, 2, 90), -3, 200), (np.int16, "pred", (1, 2, 45), -7, 1000)],
     ids=["int8-gt", "int16-pred"],
 )
-def test_negative_values_are_refused_at_their_voxel(dtype, side, where, value, k):
+def test_negative_values_are_refused_at_their_voxel(kernel_choice, dtype, side, where, value, k):
     """Signed 1-byte (count_runs) and 2-byte (count_runs16) labels: a negative value is refused
     where it is."""
     gt = np.zeros((2, 3, 100), dtype)
@@ -174,7 +198,7 @@ def _pair16(rng, n, values, pairs_per_block):
     return _pair(rng, n, values, pairs_per_block, block=32, dtype=np.uint16)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 2500),
     pairs=st.sampled_from([1, 2, 5, 32]),
@@ -183,7 +207,7 @@ def _pair16(rng, n, values, pairs_per_block):
     use_ignore=st.booleans(),
     dense=st.booleans(),
 )
-def test_uint16_chunks_equal_numpy(n, pairs, nvalues, seed, use_ignore, dense):
+def test_uint16_chunks_equal_numpy(kernel_choice, n, pairs, nvalues, seed, use_ignore, dense):
     """Discovery of 2-byte labels (tables grown while counting: the kernel stops at a run and
     resumes there), dense or diagonal + marginals, the ignore label, chunk lengths that are not
     whole blocks; counts equal numpy's."""
@@ -212,7 +236,7 @@ def test_uint16_chunks_equal_numpy(n, pairs, nvalues, seed, use_ignore, dense):
 
 @pytest.mark.parametrize("where", [0, 31, 32, 32 * 5 + 17, 32 * 9 - 1, 32 * 9 + 2])
 @pytest.mark.parametrize("side", ["gt", "pred"])
-def test_uint16_label_past_k_reported_at_its_voxel(where, side):
+def test_uint16_label_past_k_reported_at_its_voxel(kernel_choice, where, side):
     rng = np.random.default_rng(where)
     gt, pred = _pair16(rng, 32 * 9 + 5, np.arange(300), 5)
     (gt if side == "gt" else pred)[where] = 4000
@@ -237,3 +261,119 @@ def test_lane_diff32_equals_numpy():
         for pos in (1, 3, 32, 100, 150, len(a) - 32):
             hit = arr[pos : pos + 32] != arr[pos - 1 : pos + 31]
             assert int(mask(arr, pos)) == int(hit.astype(np.uint64) @ weights), pos
+
+
+# ------------------------------------------------------------- the listed kernels: many stretches
+STRETCH = cpu.LISTED * 64  # voxels whose run starts one list holds
+
+
+def _long_pair(rng, n, k, dtype):
+    """Stretches of short runs (a few voxels), long runs across the stretch edges, one pair over
+    a whole stretch, and voxel-by-voxel changes."""
+    gt, pred = _pair(rng, n, k, 6, dtype=dtype)
+    for edge in range(STRETCH, n, STRETCH):
+        lo, hi = max(0, edge - 100), min(n, edge + 37)
+        gt[lo:hi], pred[lo:hi] = gt[lo], pred[lo]  # a run across the edge
+    if n > 2 * STRETCH + 10:
+        gt[STRETCH + 5 : 2 * STRETCH + 5], pred[STRETCH + 5 : 2 * STRETCH + 5] = 1, 2  # one run, a whole stretch
+    noise = slice(n // 3, n // 3 + 500)
+    gt[noise] = rng.integers(0, k, size=len(gt[noise]))
+    return gt, pred
+
+
+@_LISTED
+@pytest.mark.parametrize("n", [STRETCH - 1, STRETCH + 64, 3 * STRETCH + 777, 5 * STRETCH])
+def test_listed_kernel_across_stretches(n):
+    rng = np.random.default_rng(n)
+    k = 256
+    gt, pred = _long_pair(rng, n, k, np.uint8)
+    for ignore in (None, int(gt[STRETCH // 2])):
+        acc = np.zeros(k * k, dtype=np.int64)
+        state = np.zeros(8, dtype=np.int64)
+        done = _listed(gt, pred, np.uint64(ignore or 0), ignore is not None, np.uint64(k), np.uint64(k), k, acc, state)
+        assert done == n // 64 * 64
+        np.testing.assert_array_equal(acc.reshape(k, k), _numpy(gt[:done], pred[:done], k, ignore))
+        assert state[cpu.NIGNORED] == (0 if ignore is None else int((gt[:done] == ignore).sum()))
+
+
+@_LISTED
+@pytest.mark.parametrize("where", [STRETCH - 1, STRETCH, STRETCH + 1, 2 * STRETCH + 33, 3 * STRETCH - 64])
+def test_listed_kernel_stops_in_a_later_stretch(where):
+    """A value past K in a later stretch: every voxel before its run is counted, the result is
+    its run's first voxel (the voxel itself: its pair differs from both neighbours')."""
+    rng = np.random.default_rng(where)
+    n = 3 * STRETCH + 100
+    k = 100
+    gt, pred = _pair(rng, n, k, 4)
+    pred[where] = 250
+    acc = np.zeros(k * k, dtype=np.int64)
+    state = np.zeros(8, dtype=np.int64)
+    done = _listed(gt, pred, np.uint64(0), False, np.uint64(k), np.uint64(k), k, acc, state)
+    assert done == where
+    np.testing.assert_array_equal(acc.reshape(k, k), _numpy(gt[:done], pred[:done], k))
+
+
+@pytest.mark.parametrize("n", [3 * STRETCH + 777, 5 * STRETCH])
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "marginals"])
+def test_uint16_across_stretches(kernel_choice, n, dense):
+    """2-byte labels over many stretches: discovery grows the tables in later stretches too (new
+    labels keep arriving), and a bad value in the third stretch is reported at its voxel."""
+    rng = np.random.default_rng(n)
+    values = np.sort(rng.choice(65536, size=3000, replace=False)).astype(np.uint16)
+    gt, pred = _long_pair(rng, n, len(values), np.uint16)
+    gt, pred = values[gt], values[pred]
+    agree = rng.random(n) < 0.5
+    pred[agree] = gt[agree]
+    acc = fse.ConfusionMatrix(dense_max=4096 if dense else 16)
+    acc.update(pred.reshape(1, 1, n), gt.reshape(1, 1, n))
+    labels = np.union1d(gt, pred)
+    np.testing.assert_array_equal(acc.labels, labels)
+    gi, pi = np.searchsorted(labels, gt), np.searchsorted(labels, pred)
+    np.testing.assert_array_equal(acc.gt_counts, np.bincount(gi, minlength=labels.size))
+    np.testing.assert_array_equal(acc.pred_counts, np.bincount(pi, minlength=labels.size))
+    np.testing.assert_array_equal(acc.diagonal, np.bincount(gi[gi == pi], minlength=labels.size))
+    if dense:
+        np.testing.assert_array_equal(acc.counts, np.bincount(gi * labels.size + pi, minlength=labels.size**2).reshape(labels.size, -1))
+    fixed = np.unique(np.concatenate([gt, pred])).astype(np.int64)
+    where = 2 * STRETCH + 70
+    bad = int(np.setdiff1d(np.arange(65536), fixed)[0])
+    gt[where] = bad
+    with pytest.raises(LabelError) as info:
+        fse.confusion_matrix(pred.reshape(1, 1, n), gt.reshape(1, 1, n), labels=fixed[:4000])
+    assert info.value.position == (0, 0, where) and info.value.value == bad and info.value.role == "gt"
+
+
+@_LISTED
+@pytest.mark.parametrize("width", [8, 16])
+def test_run_starts_intrinsics_equal_numpy(width):
+    """``run_starts64`` / ``run_starts32``: the offsets ``base + i`` of the lanes where (g1, p1)
+    differs from the voxel before, in order, written from slot ``k`` on; returns ``k`` plus their
+    count. Unaligned positions, every lane count from none to all, slots before ``k`` untouched."""
+    from numba import njit
+
+    from fastseg_eval.kernels.simd import run_starts32, run_starts64
+
+    lanes = 64 if width == 8 else 32
+    fn = run_starts64 if width == 8 else run_starts32
+
+    @njit
+    def listed(g1, p1, pos, base, out, k):
+        return fn(g1, p1, pos, base, out, k)
+
+    rng = np.random.default_rng(width)
+    dt = np.uint8 if width == 8 else np.uint16
+    n = 4000
+    g1 = np.repeat(rng.integers(0, 3, size=n // 2), 2).astype(dt)
+    p1 = rng.integers(0, 2, size=n).astype(dt) * (rng.random(n) < 0.2)
+    g1[1000:1100] = 7  # no change at all
+    p1[1000:1100] = 7
+    g1[2000:2100] = np.arange(100)  # a change at every voxel
+    for arr in ((g1, p1), (g1.view(np.int8 if width == 8 else np.int16), p1.view(np.int8 if width == 8 else np.int16))):
+        for pos in (1, 5, 64, 999, 1001, 1990, 2003, n - lanes):
+            for base, k in ((0, 0), (pos % 977, 3), (65535 - lanes + 1, 40)):
+                out = np.full(k + lanes + 8, 0x7777, dtype=np.uint16)
+                got = listed(arr[0], arr[1], pos, base, out, k)
+                hit = np.flatnonzero((arr[0][pos : pos + lanes] != arr[0][pos - 1 : pos + lanes - 1]) | (arr[1][pos : pos + lanes] != arr[1][pos - 1 : pos + lanes - 1]))
+                assert got == k + hit.size
+                np.testing.assert_array_equal(out[k : k + hit.size], base + hit)
+                assert (out[:k] == 0x7777).all()

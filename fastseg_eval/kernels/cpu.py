@@ -26,7 +26,10 @@ serialises on one memory counter. Both are exact for any data. Three kernels wor
 words of contiguous 1- or 2-byte chunks: :func:`count_direct_flat` (labels ``0..K-1``, as
 above), :func:`count_words` (labels through the lookup table, a mixed word counted by distinct
 pair) and :func:`count_small` (labels ``0..3`` on 1 byte: no branch per word at all, counts from
-sums of ANDed bit planes).
+sums of ANDed bit planes). Past K = 4 on 1 byte, and for 2-byte labels without a mask, chunks are
+counted run by run (:func:`count_runs`, :func:`count_runs16`); where the CPU compresses vectors
+in one instruction, a stretch's run starts are listed first and counted in one loop
+(:func:`count_runs_listed`, :func:`count_runs16_listed`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from fastseg_eval.kernels.jit import njit  # numba.njit, with the on-disk cache outside the package
-from fastseg_eval.kernels.simd import lane_diff32, lane_diff64, lane_mask64, popcount
+from fastseg_eval.kernels.simd import (
+    lane_diff32,
+    lane_diff64,
+    lane_mask64,
+    popcount,
+    run_starts32,
+    run_starts64,
+)
 
 LUT_SIZE = 1 << 16  # label values below this map through a direct lookup table
 _LUT_SIZE_U = np.uint64(LUT_SIZE)
@@ -844,6 +854,67 @@ def count_runs(g1, p1, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, stat
     return end
 
 
+LISTED = 256  # blocks of 64 voxels whose run starts are listed before they are counted (16 Ki voxels)
+LIST_SIZE = LISTED * 64 + 64  # uint16 slots of the list: every start of a stretch, and room for a vector store
+
+
+@njit(nogil=True, cache=True)
+def count_runs_listed(g1, p1, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, state, starts):
+    """:func:`count_runs` in two steps per stretch of :data:`LISTED` blocks: the run starts of all
+    its blocks are listed first (:func:`~fastseg_eval.kernels.simd.run_starts64`: compares and a
+    vector compress, no branch per run), then each run adds its length to its pair's cell in one
+    loop over the list. Walking each block's bits in turn costs a mispredicted branch at most
+    blocks (their run counts vary); the list's loop is predictable. Same arguments, result and
+    stopping rule as :func:`count_runs`, plus ``starts``: a uint16 scratch of at least
+    :data:`LIST_SIZE` slots. Fast where the compress is an instruction
+    (:func:`~fastseg_eval.kernels.simd.fast_compress`); chosen there only.
+    """
+    n = g1.shape[0]
+    nb = n // 64
+    if nb == 0:
+        return 0
+    end = nb * 64
+    nignored = 0
+    rs = np.uint64(0)  # the open run's first voxel (unsigned indices: no wraparound code)
+    ign = ignore if has_ignore else np.uint64(256)  # no 1-byte value equals 256
+    ku = np.uint64(kcap)
+    k = 0
+    for i in range(1, 64):  # the first block by scalar compares (no voxel before it)
+        if g1[i] != g1[i - 1] or p1[i] != p1[i - 1]:
+            starts[k] = i
+            k += 1
+    b = 1
+    s0 = 0  # the list holds offsets from s0
+    while True:
+        b1 = min(nb, b + LISTED - 1)
+        for bb in range(b, b1):
+            k = run_starts64(g1, p1, bb * 64, bb * 64 - s0, starts, k)
+        last = b1 == nb
+        if last:  # close the open run at the end of the blocks
+            starts[k] = end - s0
+            k += 1
+        s0u = np.uint64(s0)
+        for j in range(k):
+            e = s0u + np.uint64(starts[j])
+            rg = np.uint64(g1[rs])
+            rp = np.uint64(p1[rs])
+            if rg == ign:
+                nignored += np.int64(e - rs)
+            elif (rg >= gt_limit) | (rp >= pred_limit):
+                state[NIGNORED] += nignored
+                return np.int64(rs)  # the caller counts from this run on, and reports its first voxel
+            else:
+                acc[rg * ku + rp] += np.int64(e - rs)
+            rs = e
+        if last:
+            break
+        b = b1
+        s0 = b * 64
+        k = 0
+    state[NIGNORED] += nignored
+    return end
+
+
 # ------------------------------------------------- 2-byte labels through the lookup: runs, 32 at a time
 @njit(nogil=True, cache=True)
 def count_runs16(
@@ -924,6 +995,107 @@ def count_runs16(
         rp = np.uint64(p1[e])
     state[NIGNORED] += nignored
     return status
+
+
+@njit(nogil=True, cache=True)
+def count_runs16_listed(
+    g1, p1, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, identity, dense, lut, hkeys, hvals,
+    labels, kcap, acc, state, start, starts,
+):  # fmt: skip
+    """:func:`count_runs16` in two steps per stretch of :data:`LISTED` x 64 voxels, as
+    :func:`count_runs_listed`: the run starts are listed first
+    (:func:`~fastseg_eval.kernels.simd.run_starts32`), then each run is looked up and counted in
+    one loop over the list. Same arguments, result and stopping rule as :func:`count_runs16`,
+    plus ``starts``: a uint16 scratch of at least :data:`LIST_SIZE` slots.
+    """
+    glim, plim = _limits(gt_signed_from, pred_signed_from, identity, kcap)
+    end = (g1.shape[0] // 32) * 32  # whole blocks only: count_words resumes at a word boundary
+    if start >= end:
+        state[POS] = start
+        return OK
+    state[POS] = end
+    nignored = 0
+    ku = np.uint64(kcap)
+    rs = np.uint64(start)  # the open run's first voxel (unsigned indices: no wraparound code)
+    nxt = min(end, (start // 32 + 1) * 32)  # blocks are aligned; the part before, by scalar compares
+    s0 = start  # the list holds offsets from s0
+    k = 0
+    for i in range(start + 1, nxt):
+        if g1[i] != g1[i - 1] or p1[i] != p1[i - 1]:
+            starts[k] = i - s0
+            k += 1
+    pos = nxt
+    while True:
+        stop = min(end, pos + LISTED * 64)
+        for q in range(pos, stop, 32):
+            k = run_starts32(g1, p1, q, q - s0, starts, k)
+        last = stop == end
+        if last:  # close the open run at the end of the blocks
+            starts[k] = end - s0
+            k += 1
+        s0u = np.uint64(s0)
+        j = 0
+        while j < k:
+            while j < k:  # runs whose labels are known (no call in this loop: registers stay)
+                e = s0u + np.uint64(starts[j])
+                rg = np.uint64(g1[rs])
+                rp = np.uint64(p1[rs])
+                w = np.int64(e - rs)
+                if has_ignore and rg == ignore:
+                    nignored += w
+                else:
+                    ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
+                    ip = (np.int64(rp) if identity else np.int64(lut[rp])) if rp < plim else np.int64(-1)
+                    if (ig < 0) | (ip < 0):
+                        break
+                    a = np.uint64(ig)
+                    b = np.uint64(ip)
+                    if dense:
+                        acc[a * ku + b] += w
+                    else:
+                        acc[a] += w
+                        acc[ku + b] += w
+                        acc[ku + ku + a] += w & -np.int64(a == b)  # no branch: gt == pred at about half the runs
+                rs = e
+                j += 1
+            if j == k:
+                break
+            # a run with a label to assign (discovery) or refuse; then back to the loop above
+            e = s0u + np.uint64(starts[j])
+            rg = np.uint64(g1[rs])
+            rp = np.uint64(p1[rs])
+            ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
+            if ig < 0:
+                ig = _assign(rg, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
+            ip = np.int64(0)
+            if ig >= 0:
+                ip = (np.int64(rp) if identity else np.int64(lut[rp])) if rp < plim else np.int64(-1)
+                if ip < 0:
+                    ip = _assign(rp, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
+            if ig < 0 or ip < 0:
+                state[VALUE] = np.int64(rg if ig < 0 else rp)
+                state[POS] = np.int64(rs)
+                state[NIGNORED] += nignored
+                return -ig if ig < 0 else (BAD_PRED if ip == -BAD_GT else -ip)
+            a = np.uint64(ig)
+            b = np.uint64(ip)
+            w = np.int64(e - rs)
+            if dense:
+                acc[a * ku + b] += w
+            else:
+                acc[a] += w
+                acc[ku + b] += w
+                if a == b:
+                    acc[ku + ku + a] += w
+            rs = e
+            j += 1
+        if last:
+            break
+        pos = stop
+        s0 = stop
+        k = 0
+    state[NIGNORED] += nignored
+    return OK
 
 
 # ----------------------------------------------------------------- K <= 4: bit planes, no branches

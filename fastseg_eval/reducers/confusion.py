@@ -21,6 +21,7 @@ Two storage modes:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import numpy as np
 from fastseg_eval.errors import FastSegError, InputError, LabelError, OptionError, option
 from fastseg_eval.kernels import cpu
 from fastseg_eval.kernels import prob as prob_kernels
+from fastseg_eval.kernels.simd import fast_compress
 from fastseg_eval.labels.space import (
     check_ignore,
     check_num_classes,
@@ -152,6 +154,7 @@ class ConfusionCounts:
         self._small_raw = True  # discovery: chunks so far held labels 0..3 only (bit-plane kernel)
         self._fill_buffers: dict[str, np.ndarray] = {}  # unstored chunks beside stored ones, filled
         self._side: np.ndarray | None = None  # scratch of the flat kernel (zero between calls)
+        self._run_list: np.ndarray | None = None  # scratch of the listed run kernels
         self._alloc(kcap, dense)
         if self._identity and nfixed <= cpu.LUT_SIZE:  # labels 0..K-1: value v is index v, no hashing
             self._keys[:nfixed] = np.arange(nfixed, dtype=np.uint64)
@@ -491,7 +494,10 @@ class ConfusionCounts:
                         self._small_raw = False
                 done = 0
                 if g1.itemsize == 1 and mv is None:  # run by run, run starts found 64 voxels at a time
-                    done = cpu.count_runs(g1, p1, ignore, has_ignore, gl, pl, k, acc, state)
+                    if LISTED_RUNS:
+                        done = cpu.count_runs_listed(g1, p1, ignore, has_ignore, gl, pl, k, acc, state, self._starts())
+                    else:
+                        done = cpu.count_runs(g1, p1, ignore, has_ignore, gl, pl, k, acc, state)
                     if done == g1.size:
                         return
                     g1, p1 = g1[done:], p1[done:]  # the tail, or from a block with a value past K
@@ -518,8 +524,11 @@ class ConfusionCounts:
             words = _words(g1, nwords), _words(p1, nwords), mw
             start = 0
             if g1.itemsize == 2 and mv is None:  # run by run, run starts found 32 voxels at a time
+                runs16 = (
+                    partial(cpu.count_runs16_listed, starts=self._starts()) if LISTED_RUNS else cpu.count_runs16
+                )
                 status = self._growing(
-                    lambda start: cpu.count_runs16(
+                    lambda start: runs16(
                         g1, p1, ignore, has_ignore, np.uint64(g_signed), np.uint64(p_signed), self._fixed,
                         self._identity, self._dense, self._lut, self._hkeys, self._hvals, self._keys, self._kcap,
                         self._acc, state, start,
@@ -549,6 +558,12 @@ class ConfusionCounts:
             )
             if status != cpu.OK:
                 self._raise_bad(status, _kernel_position(lead, g3, state, gv.ndim), gt, pred)
+
+    def _starts(self) -> np.ndarray:
+        """The run-start list of the listed run kernels (scratch, kept per accumulator)."""
+        if self._run_list is None:
+            self._run_list = np.empty(cpu.LIST_SIZE, dtype=np.uint16)
+        return self._run_list
 
     def _side_for(self, acc: np.ndarray) -> np.ndarray:
         """Scratch tables of the flat kernel for ``acc`` (none for large tables: folding costs)."""
@@ -841,6 +856,9 @@ class ConfusionCounts:
 _NO_MASK = np.ones((1, 1, 1), dtype=np.uint8)
 _NO_WORDS = np.zeros(1, dtype=np.uint64)
 _NO_SIDE = np.zeros((2, 0), dtype=np.int64)
+LISTED_RUNS = fast_compress()
+"""Count runs through a list of run starts (:func:`~fastseg_eval.kernels.cpu.count_runs_listed`)
+where the CPU compresses vectors in one instruction; else walk each block's bits."""
 SIDE_MAX = 1 << 12  # folding a larger scratch table per chunk would cost more than it saves
 _NO_HIST = np.zeros((1, 2, 1), dtype=np.int64)
 
