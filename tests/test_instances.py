@@ -32,7 +32,9 @@ from hypothesis import strategies as st
 
 import fastseg_eval as fse
 from fastseg_eval.errors import InputError, LabelError, OptionError
+from fastseg_eval.kernels import pairs, simd
 from fastseg_eval.metrics.instances import instance_metrics
+from fastseg_eval.reducers import contingency as contingency_reducer
 from fastseg_eval.reducers.base import Block
 from fastseg_eval.reducers.contingency import ContingencyCounts, ContingencyTable
 
@@ -186,7 +188,19 @@ def pair(request):
 
 
 # ================================================================================ the table
-def test_table_equals_numpy_unique(pair):
+_LISTED = pytest.mark.skipif(not simd.VECTOR_COMPRESS, reason="numba's LLVM has no vector compress (LLVM < 19)")
+
+
+@pytest.fixture(params=[False, pytest.param(True, marks=_LISTED)], ids=["rows", "listed"])
+def kernel_choice(request, monkeypatch):
+    """The reducer's kernel for contiguous chunks without a mask, both ways: row by row
+    (``count_pairs``) or through listed run starts (``count_pairs_listed``), whatever this CPU
+    would choose. Chunks with a mask always go row by row."""
+    monkeypatch.setattr(contingency_reducer, "LISTED_RUNS", request.param)
+    return request.param
+
+
+def test_table_equals_numpy_unique(kernel_choice, pair):
     name, gt, pred = pair
     assert_table(fse.contingency(pred, gt), gt, pred)
 
@@ -214,7 +228,10 @@ def test_ids_near_2_64_stay_uint64():
     }  # fmt: skip
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)  # fmt: skip
 @given(
     shape=st.tuples(st.integers(1, 5), st.integers(1, 7), st.integers(1, 40)),
     gdt=st.sampled_from(["uint8", "int16", "uint32", "int64", "uint64", "bool"]),
@@ -226,7 +243,7 @@ def test_ids_near_2_64_stay_uint64():
     run=st.integers(1, 9),
     seed=st.integers(0, 2**31),
 )
-def test_table_hypothesis(shape, gdt, pdt, k, noise, with_mask, with_ignore, run, seed):
+def test_table_hypothesis(kernel_choice, shape, gdt, pdt, k, noise, with_mask, with_ignore, run, seed):
     """Runs of ``run`` voxels along rows, repeated rows, noise: every path of the row-record kernel."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, k, size=(shape[0], max(1, shape[1] // 2), shape[2] // run + 1))
@@ -251,7 +268,7 @@ def test_table_hypothesis(shape, gdt, pdt, k, noise, with_mask, with_ignore, run
     assert ct.n_masked == (0 if mask is None else int(np.count_nonzero(~mask)))
 
 
-def test_kernel_grows_and_resumes_from_a_tiny_table(monkeypatch):
+def test_kernel_grows_and_resumes_from_a_tiny_table(kernel_choice, monkeypatch):
     """Every insertion may hit the load limit: the kernel stops, the table grows, counting resumes."""
     from fastseg_eval.reducers import contingency as C
 
@@ -267,7 +284,7 @@ def test_kernel_grows_and_resumes_from_a_tiny_table(monkeypatch):
 
 
 @pytest.mark.parametrize("spill_cap", [4, 64])
-def test_full_tables_spill_into_sorted_runs(monkeypatch, spill_cap):
+def test_full_tables_spill_into_sorted_runs(kernel_choice, monkeypatch, spill_cap):
     """Past ``_SPILL_CAP`` slots a full table is sorted into a run and cleared instead of grown:
     pairs seen before and after a spill add up exactly; runs stay few (each at least twice the
     next); merging, pickling and counting on afterwards keep every count."""
@@ -298,7 +315,7 @@ def test_full_tables_spill_into_sorted_runs(monkeypatch, spill_cap):
 
 @pytest.mark.parametrize("n2", [1, 2, 8, 63, 64, 65, 66, 127, 128, 129, 200, 1000])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_rows_of_any_length_and_runs_across_rows(n2, with_mask):
+def test_rows_of_any_length_and_runs_across_rows(kernel_choice, n2, with_mask):
     """Segment flags are computed in blocks of 64 with an overlapping last block: rows around
     those sizes, long runs that cross row and plane ends, flags at the very first and last voxels."""
     rng = np.random.default_rng(n2)
@@ -312,7 +329,7 @@ def test_rows_of_any_length_and_runs_across_rows(n2, with_mask):
     assert_table(fse.contingency(pred, gt, mask=mask, workers=1), gt, pred, mask)
 
 
-def test_ids_0_and_2_64_minus_1_side_by_side():
+def test_ids_0_and_2_64_minus_1_side_by_side(kernel_choice):
     """No id is a sentinel: 0 and 2**64 - 1 next to each other, alone and in runs, as gt and pred,
     and 2**64 - 1 as the ignore label."""
     row = np.array([0, TOP, TOP, 0, 0, TOP, 0] * 20, dtype=np.uint64)
@@ -325,7 +342,7 @@ def test_ids_0_and_2_64_minus_1_side_by_side():
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_table_grows_in_the_middle_of_long_rows(monkeypatch, with_mask):
+def test_table_grows_in_the_middle_of_long_rows(kernel_choice, monkeypatch, with_mask):
     """A tiny table fills many times within one row of 300 voxels: each stop resumes mid-row."""
     from fastseg_eval.reducers import contingency as C
 
@@ -340,7 +357,77 @@ def test_table_grows_in_the_middle_of_long_rows(monkeypatch, with_mask):
     assert_table(r.table(), gt, pred, mask)
 
 
-def test_first_negative_value_in_c_order_after_long_runs():
+STRETCH = pairs.LISTED * 64  # voxels whose run starts one list of count_pairs_listed holds
+
+
+@_LISTED
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint32", "uint64"])
+def test_listed_kernel_equals_the_row_kernel_across_stretches(dtype):
+    """``count_pairs_listed`` on a flat chunk of several stretches against ``count_pairs`` on the
+    same chunk as rows: the same table (runs may cross rows: counts add up the same), the same
+    ignored count; with a tiny table it stops for room (GROW) at the end of a run, and resumed
+    from there it ends with the same table; a negative value in a later stretch is reported at
+    its first voxel in C order."""
+    rng = np.random.default_rng(len(dtype))
+    n = 3 * STRETCH + 333
+    runs = np.repeat(rng.integers(0, 60, size=n // 5 + 1), 5)[:n]
+    gt = runs.astype(dtype)
+    pred = np.roll(runs, 2).astype(dtype)
+    pred[STRETCH - 40 : 2 * STRETCH + 40] = 7  # one run across two stretch edges
+    gt[STRETCH - 40 : 2 * STRETCH + 40] = 9
+    pred[n // 2 : n // 2 + 300] = rng.integers(0, 60, size=300)  # a run per voxel
+    u = gt.dtype.type
+    gv, pv = gt.view(f"uint{8 * gt.itemsize}"), pred.view(f"uint{8 * gt.itemsize}")
+    signed = np.uint64(2 ** (8 * gt.itemsize - 1)) if np.issubdtype(gt.dtype, np.signedinteger) else np.uint64(0)
+
+    def listed(table, state, start, g=gv, p=pv):
+        starts = np.full(pairs.LIST_SIZE, 0xBEEF, dtype=np.uint16)
+        return pairs.count_pairs_listed(g, p, np.uint64(3), True, signed, signed, table, state, start, starts)
+
+    rows_table, rows_state = np.zeros(3 * 16384, np.uint64), np.zeros(8, np.int64)
+    words = np.zeros(pairs.scratch_words(n // 3), np.uint64)
+    g3, p3 = gv[: n - n % 3].reshape(1, 3, -1), pv[: n - n % 3].reshape(1, 3, -1)
+    status = pairs.count_pairs(g3, p3, np.ones((1, 1, 1), np.uint8), False, np.uint64(3), True, signed, signed,
+                               rows_table, rows_state, 0, words)  # fmt: skip
+    assert status == pairs.OK
+    flat_table, flat_state = np.zeros(3 * 16384, np.uint64), np.zeros(8, np.int64)
+    assert listed(flat_table, flat_state, 0, gv[: n - n % 3], pv[: n - n % 3]) == pairs.OK
+
+    def entries(table):
+        t = table.reshape(-1, 3)
+        t = t[t[:, 2] != 0]
+        return t[np.lexsort((t[:, 1], t[:, 0]))]
+
+    np.testing.assert_array_equal(entries(flat_table), entries(rows_table))
+    assert flat_state[pairs.NIGNORED] == rows_state[pairs.NIGNORED] == int((gt[: n - n % 3] == u(3)).sum())
+    # a tiny table: stops for room at run ends, resumes there
+    cap, table, state, start, stops = 4, np.zeros(12, np.uint64), np.zeros(8, np.int64), 0, 0
+    while True:
+        status = listed(table, state, start)
+        if status != pairs.GROW:
+            break
+        stops += 1
+        start = int(state[pairs.POS])
+        assert start < n and (gt[start], pred[start]) != (gt[start - 1], pred[start - 1])  # a run's start
+        cap *= 2
+        bigger = np.zeros(3 * cap, np.uint64)
+        pairs.rehash(table, bigger)
+        table = bigger
+    assert status == pairs.OK and stops >= 5
+    keys = np.stack([gv.astype(np.uint64), pv.astype(np.uint64)])[:, gt != u(3)]
+    ref, counts = np.unique(keys, axis=1, return_counts=True)
+    got = entries(table)
+    np.testing.assert_array_equal(got[:, :2].T, ref)
+    np.testing.assert_array_equal(got[:, 2], counts)
+    if signed:
+        bad = 2 * STRETCH + 77
+        pred[bad : bad + 10] = -1  # a negative run after long runs, in the third stretch
+        state = np.zeros(8, np.int64)
+        assert listed(np.zeros(3 * 16384, np.uint64), state, 0) == pairs.BAD_PRED
+        assert state[pairs.POS] == bad and state[pairs.VALUE] == int(pv[bad])
+
+
+def test_first_negative_value_in_c_order_after_long_runs(kernel_choice):
     gt = np.zeros((2, 3, 150), dtype=np.int32)
     pred = np.zeros((2, 3, 150), dtype=np.int32)
     pred[1, 2, 140:] = -7  # later in C order, a run
@@ -444,7 +531,7 @@ def test_merge_sorted_equals_numpy(high):
             np.testing.assert_array_equal(got[:m], w)
 
 
-def test_negative_ids_are_refused_with_the_position():
+def test_negative_ids_are_refused_with_the_position(kernel_choice):
     gt = np.zeros((3, 4, 5), dtype=np.int16)
     pred = np.zeros((3, 4, 5), dtype=np.int64)
     pred[2, 1, 3] = -4
@@ -456,7 +543,7 @@ def test_negative_ids_are_refused_with_the_position():
         fse.contingency(pred, gt, workers=1)
 
 
-def test_negative_pred_is_an_error_even_with_an_ignore_label():
+def test_negative_pred_is_an_error_even_with_an_ignore_label(kernel_choice):
     gt = np.zeros((2, 3), dtype=np.int8)
     pred = np.array([[0, 0, -4], [0, 0, 0]], dtype=np.int8)
     with pytest.raises(LabelError, match="pred has label -4"):

@@ -344,36 +344,44 @@ def test_uint16_across_stretches(kernel_choice, n, dense):
 
 
 @_LISTED
-@pytest.mark.parametrize("width", [8, 16])
-def test_run_starts_intrinsics_equal_numpy(width):
-    """``run_starts64`` / ``run_starts32``: the offsets ``base + i`` of the lanes where (g1, p1)
-    differs from the voxel before, in order, written from slot ``k`` on; returns ``k`` plus their
-    count. Unaligned positions, every lane count from none to all, slots before ``k`` untouched."""
+@pytest.mark.parametrize(
+    "lanes,dtype", [(64, np.uint8), (64, np.uint16), (64, np.uint32), (64, np.uint64), (32, np.uint16)],
+    ids=["64-uint8", "64-uint16", "64-uint32", "64-uint64", "32-uint16"],
+)
+def test_run_starts_intrinsics_equal_numpy(lanes, dtype):
+    """``run_starts64`` (any label width) / ``run_starts32`` (2-byte labels): the offsets ``base +
+    i`` of the lanes where (g1, p1) differs from the voxel before, in order, written from slot
+    ``k`` on; returns ``k`` plus their count. Unaligned positions, every lane count from none to
+    all, signed views, high bits that differ, slots before ``k`` untouched."""
     from numba import njit
 
     from fastseg_eval.kernels.simd import run_starts32, run_starts64
 
-    lanes = 64 if width == 8 else 32
-    fn = run_starts64 if width == 8 else run_starts32
+    fn = run_starts64 if lanes == 64 else run_starts32
 
     @njit
     def listed(g1, p1, pos, base, out, k):
         return fn(g1, p1, pos, base, out, k)
 
-    rng = np.random.default_rng(width)
-    dt = np.uint8 if width == 8 else np.uint16
+    rng = np.random.default_rng(lanes + np.dtype(dtype).itemsize)
     n = 4000
-    g1 = np.repeat(rng.integers(0, 3, size=n // 2), 2).astype(dt)
-    p1 = rng.integers(0, 2, size=n).astype(dt) * (rng.random(n) < 0.2)
+    g1 = np.repeat(rng.integers(0, 3, size=n // 2), 2).astype(dtype)
+    p1 = rng.integers(0, 2, size=n).astype(dtype) * (rng.random(n) < 0.2)
     g1[1000:1100] = 7  # no change at all
     p1[1000:1100] = 7
     g1[2000:2100] = np.arange(100)  # a change at every voxel
-    for arr in ((g1, p1), (g1.view(np.int8 if width == 8 else np.int16), p1.view(np.int8 if width == 8 else np.int16))):
-        for pos in (1, 5, 64, 999, 1001, 1990, 2003, n - lanes):
+    top = dtype(np.iinfo(dtype).max)
+    g1[3000:3050:2] = top  # values that differ only in their high bits
+    g1[3001:3050:2] = top ^ dtype(1 << (8 * np.dtype(dtype).itemsize - 1))
+    signed = np.dtype(f"int{8 * np.dtype(dtype).itemsize}")
+    for a, b in ((g1, p1), (g1.view(signed), p1.view(signed))):
+        for pos in (1, 5, 64, 999, 1001, 1990, 2003, 2990, n - lanes):
             for base, k in ((0, 0), (pos % 977, 3), (65535 - lanes + 1, 40)):
                 out = np.full(k + lanes + 8, 0x7777, dtype=np.uint16)
-                got = listed(arr[0], arr[1], pos, base, out, k)
-                hit = np.flatnonzero((arr[0][pos : pos + lanes] != arr[0][pos - 1 : pos + lanes - 1]) | (arr[1][pos : pos + lanes] != arr[1][pos - 1 : pos + lanes - 1]))
+                got = listed(a, b, pos, base, out, k)
+                hit = np.flatnonzero(
+                    (a[pos : pos + lanes] != a[pos - 1 : pos + lanes - 1]) | (b[pos : pos + lanes] != b[pos - 1 : pos + lanes - 1])
+                )
                 assert got == k + hit.size
                 np.testing.assert_array_equal(out[k : k + hit.size], base + hit)
                 assert (out[:k] == 0x7777).all()

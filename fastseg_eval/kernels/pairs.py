@@ -28,6 +28,12 @@ the lookups of one row are independent, and a row's pairs are those of the row b
 cache). Positions index arrays as unsigned integers: numba checks every signed index for
 wraparound, which keeps loops from vectorising (measured 4x slower).
 
+Where the CPU compresses vectors in one instruction (AVX-512 VBMI2), C-contiguous chunks
+without a mask go through :func:`count_pairs_listed` instead: runs follow C order across rows,
+the run starts of 16 Ki voxels at a time are listed by vector compares and a vector compress,
+and the lookups then run in one loop over that list, with no branch between them that depends
+on the data (512**3 uint64 ids on one core: 78-91 ms against 100-107 ms per half volume).
+
 Finishing a table
 -----------------
 :func:`pair_order` sorts the entries by (gt id, pred id) with radix sorts (linear in the
@@ -43,6 +49,7 @@ import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros  # numba's llvm.cttz (tzcnt)
 
 from fastseg_eval.kernels.jit import njit
+from fastseg_eval.kernels.simd import run_starts64
 
 # kernel status codes (the BAD_* values are those of kernels.cpu)
 OK = 0
@@ -263,6 +270,82 @@ def count_pairs(gt, pred, mask, has_mask, ignore, has_ignore, gt_signed_from, pr
     state[NMASKED] += nmasked
     if status != OK:
         state[POS] = stop_at
+    return status
+
+
+LISTED = 256  # blocks of 64 voxels whose run starts one list holds (as kernels.cpu.LISTED)
+LIST_SIZE = LISTED * 64 + 64  # uint16 slots of that list
+
+
+@njit(nogil=True, cache=True)
+def count_pairs_listed(g1, p1, ignore, has_ignore, gt_signed_from, pred_signed_from, table, state, start, starts):  # fmt: skip
+    """:func:`count_pairs` for a C-contiguous chunk flattened to 1-D (``g1``, ``p1``: one width,
+    any of 1, 2, 4, 8 bytes) without a mask: runs follow C order across rows, and the run starts
+    of each stretch of :data:`LISTED` x 64 voxels are listed first
+    (:func:`~fastseg_eval.kernels.simd.run_starts64`: vector compares and a vector compress), then
+    each run makes its one hash lookup in one loop over the list, without the bit walk's
+    mispredicted branches between lookups. ``starts``: uint16 scratch of at least
+    :data:`LIST_SIZE` slots. Same results, statuses and ``state`` as :func:`count_pairs`, with
+    positions in the flat chunk; chosen where the compress is one instruction
+    (:func:`~fastseg_eval.kernels.simd.fast_compress`).
+    """
+    n = g1.shape[0]
+    if start >= n:
+        return OK
+    cap = table.shape[0] // 3
+    hmask = np.uint64(cap - 1)
+    limit = cap // 2
+    entries = state[ENTRIES]
+    nignored = 0
+    status = OK
+    rs = _u(start)  # the open run's first voxel
+    pos = start + 1  # the next voxel to compare with the one before it
+    s0 = start  # the list holds offsets from s0
+    k = 0
+    while True:
+        stop = min(n, pos + LISTED * 64)
+        q = pos
+        while q + 64 <= stop:
+            k = run_starts64(g1, p1, q, q - s0, starts, k)
+            q += 64
+        for i in range(q, stop):  # the chunk's last voxels, past the last whole block
+            if g1[i] != g1[i - 1] or p1[i] != p1[i - 1]:
+                starts[k] = i - s0
+                k += 1
+        last = stop == n
+        if last:  # close the open run at the end of the chunk
+            starts[k] = n - s0
+            k += 1
+        s0u = _u(s0)
+        for j in range(k):
+            e = s0u + np.uint64(starts[j])
+            gv = np.uint64(g1[rs])
+            if has_ignore and gv == ignore:
+                nignored += np.int64(e - rs)
+            else:
+                pv = np.uint64(p1[rs])
+                if (gt_signed_from != _ZERO) & (gv >= gt_signed_from):
+                    status = BAD_GT
+                    state[VALUE] = np.int64(gv)
+                elif (pred_signed_from != _ZERO) & (pv >= pred_signed_from):
+                    status = BAD_PRED
+                    state[VALUE] = np.int64(pv)
+                if status != OK:
+                    state[POS] = np.int64(rs)
+                    break
+                entries += add_pair(table, hmask, gv, pv, e - rs)
+                if entries >= limit and e < _u(n):
+                    status = GROW
+                    state[POS] = np.int64(e)
+                    break
+            rs = e
+        if status != OK or last:
+            break
+        pos = stop
+        s0 = stop
+        k = 0
+    state[ENTRIES] = entries
+    state[NIGNORED] += nignored
     return status
 
 

@@ -100,9 +100,9 @@ def lane_diff32(typingctx, arr, pos):  # type: ignore[no-untyped-def]
     return types.uint64(arr, pos), _diff(16)
 
 
-def _starts(width: int):  # type: ignore[no-untyped-def]
-    """The codegen of :func:`run_starts64` (``width`` 8) and :func:`run_starts32` (16)."""
-    lanes = 512 // width
+def _starts(width: int, lanes: int):  # type: ignore[no-untyped-def]
+    """The codegen of :func:`run_starts64` (64 lanes of ``width`` bits) and :func:`run_starts32`
+    (32 lanes of 16 bits)."""
     vec_t = ir.VectorType(ir.IntType(width), lanes)
     off_t = ir.VectorType(_I16, 32)
     mask_t = ir.VectorType(ir.IntType(1), 32)
@@ -141,10 +141,10 @@ def _starts(width: int):  # type: ignore[no-untyped-def]
     return codegen
 
 
-def _starts_args(g1, p1, pos, base, out, k, bits: int) -> bool:  # type: ignore[no-untyped-def]
+def _starts_args(g1, p1, pos, base, out, k, bits: tuple[int, ...]) -> bool:  # type: ignore[no-untyped-def]
     return (
-        _byte_array(g1, pos, bits) and _byte_array(p1, base, bits) and _byte_array(out, k, 16)
-        and g1.dtype.bitwidth == p1.dtype.bitwidth
+        isinstance(g1, types.Array) and g1.dtype.bitwidth in bits and _byte_array(g1, pos, g1.dtype.bitwidth)
+        and _byte_array(p1, base, g1.dtype.bitwidth) and _byte_array(out, k, 16)
     )  # fmt: skip
 
 
@@ -172,17 +172,17 @@ def run_starts64(typingctx, g1, p1, pos, base, out, k):  # type: ignore[no-untyp
     """``run_starts64(g1, p1, pos, base, out, k)``: list where runs start among the 64 voxels
     from ``pos``: for each ``i`` in 0..63 with ``g1[pos + i] != g1[pos + i - 1]`` or ``p1[pos + i]
     != p1[pos + i - 1]``, in order, ``base + i`` is written to ``out[k], out[k + 1], ...``; returns
-    ``k`` plus how many. ``g1``, ``p1``: C-contiguous 1-D arrays of 1-byte labels; ``out``: of
-    uint16. The caller's duty (nothing is checked): ``pos >= 1``, ``pos + 64 <= len(g1)``, ``k +
+    ``k`` plus how many. ``g1``, ``p1``: C-contiguous 1-D arrays of labels of one width (1, 2, 4
+    or 8 bytes); ``out``: of uint16. The caller's duty (nothing is checked): ``pos >= 1``, ``pos + 64 <= len(g1)``, ``k +
     64 <= len(out)`` (all 64 slots from ``k`` are written; those past the returned count hold
     garbage), ``base + 63 < 65536``.
 
     Two vector compares per input (each against itself one voxel earlier) give the run starts as
     a mask, and ``llvm.experimental.vector.compress`` packs the offsets ``base + i`` the mask
     selects (``vpcompressw`` with AVX-512 VBMI2, two per 64 voxels), stored as whole vectors."""
-    if not _starts_args(g1, p1, pos, base, out, k, 8):
+    if not _starts_args(g1, p1, pos, base, out, k, (8, 16, 32, 64)):
         return None
-    return types.int64(g1, p1, pos, base, out, k), _starts(8)
+    return types.int64(g1, p1, pos, base, out, k), _starts(g1.dtype.bitwidth, 64)
 
 
 @intrinsic
@@ -190,9 +190,9 @@ def run_starts32(typingctx, g1, p1, pos, base, out, k):  # type: ignore[no-untyp
     """:func:`run_starts64` for 32 voxels of 2-byte labels: ``base + i`` for each ``i`` in 0..31
     where ``(g1, p1)`` changes at ``pos + i``; ``pos >= 1``, ``pos + 32 <= len(g1)``, ``k + 32 <=
     len(out)``, ``base + 31 < 65536`` (the caller's duty)."""
-    if not _starts_args(g1, p1, pos, base, out, k, 16):
+    if not _starts_args(g1, p1, pos, base, out, k, (16,)):
         return None
-    return types.int64(g1, p1, pos, base, out, k), _starts(16)
+    return types.int64(g1, p1, pos, base, out, k), _starts(16, 32)
 
 
 @intrinsic
