@@ -284,6 +284,27 @@ def _assign(v, signed_from, fixed, lut, hkeys, hvals, labels, state):
 
 
 @njit(nogil=True, cache=True)
+def _resolve(rg, rp, glim, plim, gt_signed_from, pred_signed_from, fixed, identity, lut, hkeys, hvals, labels, state):  # fmt: skip
+    """``(status, gt index, pred index)`` of a run's pair (``rg``, ``rp``) that the run kernels'
+    inner loops could not look up: each label is looked up, else assigned (discovery) through
+    :func:`_assign`; ``status`` is ``OK``, or ``GROW_*`` / ``BAD_*`` with ``state[VALUE]`` set
+    (the caller sets ``state[POS]``). Called off the hot loops only: a call inside one made LLVM
+    keep that loop's values on the stack."""
+    ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
+    if ig < 0:
+        ig = _assign(rg, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
+    ip = np.int64(0)
+    if ig >= 0:
+        ip = (np.int64(rp) if identity else np.int64(lut[rp])) if rp < plim else np.int64(-1)
+        if ip < 0:
+            ip = _assign(rp, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
+    if ig < 0 or ip < 0:
+        state[VALUE] = np.int64(rg if ig < 0 else rp)
+        return (-ig if ig < 0 else (BAD_PRED if ip == -BAD_GT else -ip)), ig, ip
+    return OK, ig, ip
+
+
+@njit(nogil=True, cache=True)
 def count_mapped(
     gt, pred, mask, has_mask, ignore, has_ignore, gt_signed_from, pred_signed_from, fixed, dense,
     lut, hkeys, hvals, labels, acc, state, start,
@@ -996,17 +1017,10 @@ def count_runs16(
         if done:
             break
         # the run [rs, e) has a label to assign (discovery) or refuse
-        ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
-        if ig < 0:
-            ig = _assign(rg, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
-        ip = np.int64(0)
-        if ig >= 0:
-            ip = (np.int64(rp) if identity else np.int64(lut[rp])) if rp < plim else np.int64(-1)
-            if ip < 0:
-                ip = _assign(rp, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
-        if ig < 0 or ip < 0:
-            status = -ig if ig < 0 else (BAD_PRED if ip == -BAD_GT else -ip)
-            state[VALUE] = np.int64(rg if ig < 0 else rp)
+        status, ig, ip = _resolve(
+            rg, rp, glim, plim, gt_signed_from, pred_signed_from, fixed, identity, lut, hkeys, hvals, labels, state
+        )
+        if status != OK:
             state[POS] = rs
             break
         w = e - rs
@@ -1093,19 +1107,13 @@ def count_runs16_listed(
             e = s0u + np.uint64(starts[j])
             rg = np.uint64(g1[rs])
             rp = np.uint64(p1[rs])
-            ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
-            if ig < 0:
-                ig = _assign(rg, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
-            ip = np.int64(0)
-            if ig >= 0:
-                ip = (np.int64(rp) if identity else np.int64(lut[rp])) if rp < plim else np.int64(-1)
-                if ip < 0:
-                    ip = _assign(rp, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
-            if ig < 0 or ip < 0:
-                state[VALUE] = np.int64(rg if ig < 0 else rp)
+            status, ig, ip = _resolve(
+                rg, rp, glim, plim, gt_signed_from, pred_signed_from, fixed, identity, lut, hkeys, hvals, labels, state
+            )
+            if status != OK:
                 state[POS] = np.int64(rs)
                 state[NIGNORED] += nignored
-                return -ig if ig < 0 else (BAD_PRED if ip == -BAD_GT else -ip)
+                return status
             a = np.uint64(ig)
             b = np.uint64(ip)
             w = np.int64(e - rs)
