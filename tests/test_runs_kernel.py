@@ -385,3 +385,20 @@ def test_run_starts_intrinsics_equal_numpy(lanes, dtype):
                 assert got == k + hit.size
                 np.testing.assert_array_equal(out[k : k + hit.size], base + hit)
                 assert (out[:k] == 0x7777).all()
+
+
+def test_fast_compress_follows_the_features_numba_compiles_for(monkeypatch):
+    """The listed kernels are chosen by the features numba's JIT uses (``NUMBA_CPU_FEATURES``,
+    else the host's): AVX-512 VBMI2 and BW, never on an LLVM without the vector compress."""
+    from numba.core import config
+
+    monkeypatch.setattr(simd, "VECTOR_COMPRESS", True)
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+avx512f,+avx512bw,+avx512vbmi2")
+    assert simd.fast_compress()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+avx512f,+avx512bw,-avx512vbmi2")
+    assert not simd.fast_compress()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma")
+    assert not simd.fast_compress()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512bw,+avx512vbmi2")
+    monkeypatch.setattr(simd, "VECTOR_COMPRESS", False)
+    assert not simd.fast_compress()
