@@ -877,7 +877,7 @@ def count_runs(g1, p1, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, stat
     return end
 
 
-LISTED = 256  # blocks of 64 voxels whose run starts are listed before they are counted (16 Ki voxels)
+LISTED = 768  # blocks of 64 voxels whose run starts are listed before they are counted (48 Ki voxels)
 LIST_SIZE = LISTED * 64 + 64  # uint16 slots of the list: every start of a stretch, and room for a vector store
 
 
