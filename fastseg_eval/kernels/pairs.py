@@ -273,7 +273,7 @@ def count_pairs(gt, pred, mask, has_mask, ignore, has_ignore, gt_signed_from, pr
     return status
 
 
-LISTED = 256  # blocks of 64 voxels whose run starts one list holds (as kernels.cpu.LISTED)
+LISTED = 256  # blocks of 64 voxels whose run starts one list holds (16 Ki voxels: 256 KiB of uint64 input)
 LIST_SIZE = LISTED * 64 + 64  # uint16 slots of that list
 
 

@@ -16,6 +16,7 @@ skips ground-truth voxels; the mask skips voxels where it is 0; neither reaches 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -323,8 +324,7 @@ class ContingencyCounts:
         ignore, has_ignore = ignore_bits(self.ignore_label, gt.dtype)
         if LISTED_RUNS and mv is None and gv.ndim <= 3 and gv.flags.c_contiguous and pv.flags.c_contiguous:
             g1, p1 = gv.reshape(-1), pv.reshape(-1)  # runs follow C order across rows
-            starts = self._run_list if self._run_list is not None else np.empty(pairs.LIST_SIZE, dtype=np.uint16)
-            self._run_list = starts
+            starts = self._starts()
             status = self._counting(
                 lambda start: pairs.count_pairs_listed(
                     g1, p1, np.uint64(ignore), has_ignore, np.uint64(g_signed), np.uint64(p_signed), self._table,
@@ -346,7 +346,7 @@ class ContingencyCounts:
             if status != pairs.OK:
                 self._raise_bad(status, lead, g3, gv.ndim, offset, gt, pred)
 
-    def _counting(self, count) -> int:  # type: ignore[no-untyped-def]
+    def _counting(self, count: Callable[[int], int]) -> int:
         """Run a kernel (``count(start)``) over a chunk, growing (or spilling) the table and
         resuming at ``state[POS]`` whenever it stops for room; its final status."""
         start = 0
@@ -379,6 +379,12 @@ class ContingencyCounts:
                 f"this ContingencyCounts holds partial counts of an update that failed ({self._poisoned}); "
                 "create a new one"
             )
+
+    def _starts(self) -> np.ndarray:
+        """The listed kernel's scratch (:data:`~fastseg_eval.kernels.pairs.LIST_SIZE` run starts)."""
+        if self._run_list is None:
+            self._run_list = np.empty(pairs.LIST_SIZE, dtype=np.uint16)
+        return self._run_list
 
     def _words(self, n2: int) -> np.ndarray:
         """The kernel's scratch for rows of ``n2`` voxels (:func:`~fastseg_eval.kernels.pairs.scratch_words`)."""
