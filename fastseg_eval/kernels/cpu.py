@@ -288,8 +288,8 @@ def _resolve(rg, rp, glim, plim, gt_signed_from, pred_signed_from, fixed, identi
     """``(status, gt index, pred index)`` of a run's pair (``rg``, ``rp``) that the run kernels'
     inner loops could not look up: each label is looked up, else assigned (discovery) through
     :func:`_assign`; ``status`` is ``OK``, or ``GROW_*`` / ``BAD_*`` with ``state[VALUE]`` set
-    (the caller sets ``state[POS]``). Called off the hot loops only: a call inside one made LLVM
-    keep that loop's values on the stack."""
+    (the caller sets ``state[POS]``). The kernels look labels up inline and call this only for
+    a pair they could not: a call on every pair made LLVM keep the loop's values on the stack."""
     ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
     if ig < 0:
         ig = _assign(rg, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
@@ -503,18 +503,15 @@ def count_words(
                 nignored += lanes
             else:
                 ig = (np.int64(g) if identity else np.int64(lut[g])) if g < glim else np.int64(-1)
-                if ig < 0:
-                    ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
-                ip = np.int64(0)
-                if ig >= 0:
-                    ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
-                    if ip < 0:
-                        ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
-                if ig < 0 or ip < 0:
-                    status = -ig if ig < 0 else (BAD_PRED if ip == -BAD_GT else -ip)
-                    state[VALUE] = np.int64(g if ig < 0 else p)
-                    state[POS] = w * lanes
-                    break
+                ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
+                if (ig < 0) | (ip < 0):  # a label to assign (discovery) or refuse
+                    status, ig, ip = _resolve(
+                        g, p, glim, plim, gt_signed_from, pred_signed_from, fixed, identity, lut, hkeys, hvals,
+                        labels, state,
+                    )  # fmt: skip
+                    if status != OK:
+                        state[POS] = w * lanes
+                        break
                 if ig == run_g and ip == run_p:
                     run_w += lanes
                 else:
@@ -554,16 +551,14 @@ def count_words(
                 nignored_w += n
                 continue
             ig = (np.int64(g) if identity else np.int64(lut[g])) if g < glim else np.int64(-1)
-            if ig < 0:
-                ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
-            ip = np.int64(0)
-            if ig >= 0:
-                ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
-                if ip < 0:
-                    ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
-            if ig < 0 or ip < 0:
-                status = -ig if ig < 0 else (BAD_PRED if ip == -BAD_GT else -ip)
-                break
+            ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
+            if (ig < 0) | (ip < 0):  # a label to assign (discovery) or refuse
+                status, ig, ip = _resolve(
+                    g, p, glim, plim, gt_signed_from, pred_signed_from, fixed, identity, lut, hkeys, hvals,
+                    labels, state,
+                )  # fmt: skip
+                if status != OK:
+                    break
             pairs_g[npairs] = ig
             pairs_p[npairs] = ip
             pairs_n[npairs] = n
@@ -649,22 +644,13 @@ def _voxel_status(
     g = np.uint64(g1[kk])
     if has_ignore and g == ignore:
         return OK
-    ig = (np.int64(g) if identity else np.int64(lut[g])) if g < glim else np.int64(-1)
-    if ig < 0:
-        ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
-    if ig >= 0:
-        p = np.uint64(p1[kk])
-        ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
-        if ip < 0:
-            ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
-        if ip >= 0:
-            return OK
-        state[VALUE] = np.int64(p)
+    status, _, _ = _resolve(
+        g, np.uint64(p1[kk]), glim, plim, gt_signed_from, pred_signed_from, fixed, identity, lut, hkeys, hvals,
+        labels, state,
+    )  # fmt: skip
+    if status != OK:
         state[POS] = kk
-        return BAD_PRED if ip == -BAD_GT else -ip
-    state[VALUE] = np.int64(g)
-    state[POS] = kk
-    return -ig
+    return status
 
 
 @njit(nogil=True, cache=True)
