@@ -87,6 +87,8 @@ def check_ignore(ignore_label: Any) -> int | None:
 
 
 def is_range(labels: Any) -> bool:
+    if isinstance(labels, range):
+        return labels.start == 0 and labels.step == 1
     if isinstance(labels, np.ndarray):
         return bool(np.array_equal(labels, np.arange(len(labels), dtype=labels.dtype)))
     return all(v == i for i, v in enumerate(labels))
@@ -131,7 +133,7 @@ def fixed_labels(num_classes: Any, labels: Any, ignore_label: int | None) -> Any
             )
         return out
     if num_classes is not None:
-        return np.arange(check_num_classes(num_classes), dtype=np.uint64)
+        return range(check_num_classes(num_classes))  # not materialized: K may be 65536 or more
     return None
 
 

@@ -161,7 +161,8 @@ class ConfusionCounts:
             self._lut[:nfixed] = np.arange(nfixed, dtype=np.int32)
             self._state[cpu.NLAB] = nfixed
         elif fixed is not None:
-            self._add_keys(np.asarray(fixed, dtype=np.uint64))
+            keys = np.arange(nfixed, dtype=np.uint64) if isinstance(fixed, range) else np.asarray(fixed, dtype=np.uint64)
+            self._add_keys(keys)
 
     # ------------------------------------------------------------------ storage
     def _alloc(self, kcap: int, dense: bool) -> None:
