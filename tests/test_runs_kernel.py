@@ -11,7 +11,9 @@ public API then reports that voxel, exactly where it is.
 
 The same for 2-byte labels through the label lookup (``kernels.cpu.count_runs16``, 32 voxels at a
 time): discovery that grows the tables mid-chunk (the kernel stops at a run and resumes there),
-dense and diagonal + marginals tables, runs on the diagonal of every length, errors at their voxel.
+dense and diagonal + marginals tables, runs on the diagonal of every length, errors at their voxel;
+``num_classes >= 65536`` on uint16 ids, where every value is a label and the listed kernel tests
+nothing per run.
 """
 
 from __future__ import annotations
@@ -341,6 +343,39 @@ def test_uint16_across_stretches(kernel_choice, n, dense):
     with pytest.raises(LabelError) as info:
         fse.confusion_matrix(pred.reshape(1, 1, n), gt.reshape(1, 1, n), labels=fixed[:4000])
     assert info.value.position == (0, 0, where) and info.value.value == bad and info.value.role == "gt"
+
+
+@pytest.mark.parametrize("k", [65536, 70000])
+@pytest.mark.parametrize("ignore", [None, 7], ids=["no-ignore", "ignore-7"])
+def test_uint16_ids_every_value_a_label(kernel_choice, k, ignore):
+    """``num_classes >= 65536`` on uint16 inputs: every value is a label, its own index (the
+    listed kernel counts such runs with no test at all; with an ignore label it tests each run).
+    Over many stretches, values 0 and 65535, against numpy; on int16 inputs a negative value
+    is still refused at its voxel."""
+    rng = np.random.default_rng(k)
+    n = 3 * STRETCH + 777
+    values = np.concatenate([[0, 7, 65535, 65534], rng.choice(np.arange(8, 65534), size=2000, replace=False)])
+    gt, pred = _long_pair(rng, n, len(values), np.uint16)
+    gt, pred = values[gt].astype(np.uint16), values[pred].astype(np.uint16)
+    agree = rng.random(n) < 0.5
+    pred[agree] = gt[agree]
+    gt[:9], pred[:9] = 65535, np.array([65535, 65535, 0, 0, 7, 7, 7, 65535, 65535])
+    acc = fse.ConfusionMatrix(num_classes=k, ignore_label=ignore)
+    acc.update(pred.reshape(1, 1, n), gt.reshape(1, 1, n))
+    keep = np.ones(n, bool) if ignore is None else gt != ignore
+    g, p = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
+    assert not acc.is_dense and acc.num_classes == k
+    np.testing.assert_array_equal(acc.gt_counts, np.bincount(g, minlength=k))
+    np.testing.assert_array_equal(acc.pred_counts, np.bincount(p, minlength=k))
+    np.testing.assert_array_equal(acc.diagonal, np.bincount(g[g == p], minlength=k))
+    assert acc.n_ignored == n - int(keep.sum())
+    where = 2 * STRETCH + 70
+    signed = pred.view(np.int16).copy()
+    signed[signed < 0] = 5
+    signed[where] = -3
+    with pytest.raises(LabelError) as info:
+        fse.ConfusionMatrix(num_classes=k).update(signed.reshape(1, 1, n), gt.view(np.int16).clip(0).reshape(1, 1, n))
+    assert info.value.position == (0, 0, where) and info.value.value == -3 and info.value.role == "pred"
 
 
 @_LISTED
