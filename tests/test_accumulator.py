@@ -138,6 +138,63 @@ def test_fixed_range_space_spawned_and_merged(k, dense_max):
     np.testing.assert_array_equal(before.diagonal, 2 * np.bincount(gt[:1][gt[:1] == pred[:1]], minlength=k))
 
 
+def test_int32_worker_tables_widen_before_they_could_overflow(monkeypatch):
+    """A spawned worker of a large fixed label space keeps its diagonal + marginals in int32
+    while no cell can pass 2**31 - 1; it widens to int64 before a chunk that could, before a
+    constant chunk's counts are multiplied, and before anything merges into it. Every count
+    stays exact, reads back as int64, and survives pickling."""
+    from fastseg_eval.reducers import confusion
+
+    rng = np.random.default_rng(3)
+    pred, gt = rng.integers(0, 65536, size=(2, 6, 20, 30), dtype=np.uint16)
+    pred[:, :10] = gt[:, :10]
+
+    def check(acc, planes):
+        g, p = gt[planes].astype(np.int64).ravel(), pred[planes].astype(np.int64).ravel()
+        for got, want in (
+            (acc.gt_counts, np.bincount(g, minlength=65536)),
+            (acc.pred_counts, np.bincount(p, minlength=65536)),
+            (acc.diagonal, np.bincount(g[g == p], minlength=65536)),
+        ):
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, want)
+
+    monkeypatch.setattr(confusion, "INT32_ROOM", 2500)  # room for 4 planes of 600 voxels
+    worker = fse.ConfusionMatrix(num_classes=65536).spawn()
+    assert worker._acc.dtype == np.int32  # noqa: SLF001 - the table under test
+    for z in range(4):
+        worker.add_chunk(gt[z], pred[z])
+    assert worker._acc.dtype == np.int32  # noqa: SLF001 - 2400 voxels fit
+    check(worker, slice(0, 4))
+    worker.add_chunk(gt[4], pred[4])  # 3000 > 2500: widened first
+    assert worker._acc.dtype == np.int64  # noqa: SLF001
+    check(worker, slice(0, 5))
+    check(pickle.loads(pickle.dumps(worker)), slice(0, 5))
+
+    merged = fse.ConfusionMatrix(num_classes=65536)
+    merged.reset()  # a reset accumulator is an empty one: int32 again
+    assert merged._acc.dtype == np.int32  # noqa: SLF001
+    merged.update(pred[:2], gt[:2])
+    other = fse.ConfusionMatrix(num_classes=65536).spawn()
+    other.add_chunk(gt[2], pred[2])
+    merged.merge(other)
+    check(merged, slice(0, 3))
+    assert merged._acc.dtype == np.int64  # noqa: SLF001 - widened before the merge
+
+    monkeypatch.setattr(confusion, "INT32_ROOM", (1 << 31) - 1)
+    big = (2000, 2000, 1000)  # 4e9 voxels of one pair: a constant (unstored) chunk, no memory
+    worker = fse.ConfusionMatrix(num_classes=65536).spawn()
+    worker.add_chunk(np.broadcast_to(np.uint16(5), big), np.broadcast_to(np.uint16(5), big))
+    worker.add_chunk(np.broadcast_to(np.uint16(5), (3,)), np.broadcast_to(np.uint16(9), (3,)))
+    assert worker.diagonal[5] == worker.gt_counts[5] - 3 == 4 * 10**9
+    assert worker.pred_counts[9] == 3 and worker.n_voxels == 4 * 10**9 + 3
+    labels = [*range(4999), 2**40]  # 5000 labels, kept as marginals; 2**40 is hashed, not in the lookup table
+    one = fse.ConfusionMatrix(labels=labels).spawn()
+    assert one._acc.dtype == np.int32  # noqa: SLF001
+    one.add_chunk(np.broadcast_to(np.uint64(2**40), big), np.broadcast_to(np.uint64(7), big))  # counted once, times n
+    assert one.gt_counts[-1] == one.pred_counts[7] == 4 * 10**9 and one.diagonal.sum() == 0
+
+
 def test_merge_num_classes_with_discovered_and_marginals():
     a = fse.ConfusionMatrix(4).update(np.array([0, 1, 2, 3]), np.array([0, 1, 1, 3]))
     b = fse.ConfusionMatrix(dense_max=1).update(np.array([2, 2]), np.array([2, 0]))
