@@ -138,18 +138,19 @@ def test_fixed_range_space_spawned_and_merged(k, dense_max):
     np.testing.assert_array_equal(before.diagonal, 2 * np.bincount(gt[:1][gt[:1] == pred[:1]], minlength=k))
 
 
-def test_int32_worker_tables_widen_before_they_could_overflow(monkeypatch):
-    """A spawned worker of a large fixed label space keeps its diagonal + marginals in int32
-    while no cell can pass 2**31 - 1; it widens to int64 before a chunk that could, before a
-    constant chunk's counts are multiplied, and before anything merges into it. Every count
-    stays exact, reads back as int64, and survives pickling."""
+def test_int32_tables_widen_before_they_could_overflow(monkeypatch):
+    """A large fixed label space keeps its diagonal + marginals in int32 while no cell can pass
+    2**31 - 1; it widens to int64 before a chunk that could, before a merge that could, before a
+    constant chunk's counts are multiplied, and when restored from a pickle. Every count stays
+    exact and reads back as int64."""
     from fastseg_eval.reducers import confusion
 
     rng = np.random.default_rng(3)
     pred, gt = rng.integers(0, 65536, size=(2, 6, 20, 30), dtype=np.uint16)
     pred[:, :10] = gt[:, :10]
 
-    def check(acc, planes):
+    def check(acc, planes, width):
+        assert acc._acc.dtype == width  # noqa: SLF001 - the table under test
         g, p = gt[planes].astype(np.int64).ravel(), pred[planes].astype(np.int64).ravel()
         for got, want in (
             (acc.gt_counts, np.bincount(g, minlength=65536)),
@@ -160,39 +161,61 @@ def test_int32_worker_tables_widen_before_they_could_overflow(monkeypatch):
             np.testing.assert_array_equal(got, want)
 
     monkeypatch.setattr(confusion, "INT32_ROOM", 2500)  # room for 4 planes of 600 voxels
-    worker = fse.ConfusionMatrix(num_classes=65536).spawn()
-    assert worker._acc.dtype == np.int32  # noqa: SLF001 - the table under test
+    acc = fse.ConfusionMatrix(num_classes=65536)
     for z in range(4):
-        worker.add_chunk(gt[z], pred[z])
-    assert worker._acc.dtype == np.int32  # noqa: SLF001 - 2400 voxels fit
-    check(worker, slice(0, 4))
-    worker.add_chunk(gt[4], pred[4])  # 3000 > 2500: widened first
-    assert worker._acc.dtype == np.int64  # noqa: SLF001
-    check(worker, slice(0, 5))
-    check(pickle.loads(pickle.dumps(worker)), slice(0, 5))
+        acc.add_chunk(gt[z], pred[z])
+    check(acc, slice(0, 4), np.int32)  # 2400 voxels fit
+    acc.add_chunk(gt[4], pred[4])  # 3000 > 2500: widened first
+    check(acc, slice(0, 5), np.int64)
+    check(pickle.loads(pickle.dumps(acc)), slice(0, 5), np.int64)
 
-    merged = fse.ConfusionMatrix(num_classes=65536)
+    merged = fse.ConfusionMatrix(num_classes=65536).update(pred[:2], gt[:2])  # workers' int32 tables merged
+    check(merged, slice(0, 2), np.int32)
+    for z in (2, 3):
+        other = merged.spawn()
+        other.add_chunk(gt[z], pred[z])
+        merged.merge(other)
+    check(merged, slice(0, 4), np.int32)  # 2400 voxels fit
+    other = merged.spawn()
+    other.add_chunk(gt[4], pred[4])
+    merged.merge(other)  # 3000 would not: widened before the merge
+    check(merged, slice(0, 5), np.int64)
+    two = fse.ConfusionMatrix(num_classes=65536)
+    for z in (0, 1):
+        part = fse.ConfusionMatrix(num_classes=65536)
+        part.add_chunk(gt[z], pred[z])
+        two.merge(part)  # the voxels taken add up through merges: 1200
+    three = fse.ConfusionMatrix(num_classes=65536)
+    for z in (2, 3):
+        three.add_chunk(gt[z], pred[z])
+    three.merge(two)  # 1200 + 1200 fit
+    check(three, slice(0, 4), np.int32)
+    rest = fse.ConfusionMatrix(num_classes=65536)
+    rest.add_chunk(gt[4:], pred[4:])
+    three.merge(rest)  # 2400 + 1200 would not
+    check(three, slice(0, 6), np.int64)
+    check(pickle.loads(pickle.dumps(fse.ConfusionMatrix(num_classes=65536).update(pred[:1], gt[:1]))), slice(0, 1), np.int64)
     merged.reset()  # a reset accumulator is an empty one: int32 again
-    assert merged._acc.dtype == np.int32  # noqa: SLF001
-    merged.update(pred[:2], gt[:2])
-    other = fse.ConfusionMatrix(num_classes=65536).spawn()
-    other.add_chunk(gt[2], pred[2])
-    merged.merge(other)
-    check(merged, slice(0, 3))
-    assert merged._acc.dtype == np.int64  # noqa: SLF001 - widened before the merge
+    check(merged.update(pred[5:], gt[5:]), slice(5, 6), np.int32)
 
     monkeypatch.setattr(confusion, "INT32_ROOM", (1 << 31) - 1)
     big = (2000, 2000, 1000)  # 4e9 voxels of one pair: a constant (unstored) chunk, no memory
-    worker = fse.ConfusionMatrix(num_classes=65536).spawn()
-    worker.add_chunk(np.broadcast_to(np.uint16(5), big), np.broadcast_to(np.uint16(5), big))
-    worker.add_chunk(np.broadcast_to(np.uint16(5), (3,)), np.broadcast_to(np.uint16(9), (3,)))
-    assert worker.diagonal[5] == worker.gt_counts[5] - 3 == 4 * 10**9
-    assert worker.pred_counts[9] == 3 and worker.n_voxels == 4 * 10**9 + 3
+    acc = fse.ConfusionMatrix(num_classes=65536)
+    acc.add_chunk(np.broadcast_to(np.uint16(5), big), np.broadcast_to(np.uint16(5), big))
+    acc.add_chunk(np.broadcast_to(np.uint16(5), (3,)), np.broadcast_to(np.uint16(9), (3,)))
+    assert acc.diagonal[5] == acc.gt_counts[5] - 3 == 4 * 10**9
+    assert acc.pred_counts[9] == 3 and acc.n_voxels == 4 * 10**9 + 3
     labels = [*range(4999), 2**40]  # 5000 labels, kept as marginals; 2**40 is hashed, not in the lookup table
-    one = fse.ConfusionMatrix(labels=labels).spawn()
+    one = fse.ConfusionMatrix(labels=labels)
     assert one._acc.dtype == np.int32  # noqa: SLF001
     one.add_chunk(np.broadcast_to(np.uint64(2**40), big), np.broadcast_to(np.uint64(7), big))  # counted once, times n
     assert one.gt_counts[-1] == one.pred_counts[7] == 4 * 10**9 and one.diagonal.sum() == 0
+    three = fse.ConfusionMatrix(num_classes=65536)
+    for _ in range(3):  # three merges of 4e9 voxels each into an int32 table
+        part = fse.ConfusionMatrix(num_classes=65536)
+        part.add_chunk(np.broadcast_to(np.uint16(1), big), np.broadcast_to(np.uint16(1), big))
+        three.merge(part)
+    assert three.diagonal[1] == 12 * 10**9
 
 
 def test_merge_num_classes_with_discovered_and_marginals():

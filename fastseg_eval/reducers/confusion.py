@@ -155,24 +155,30 @@ class ConfusionCounts:
         self._fill_buffers: dict[str, np.ndarray] = {}  # unstored chunks beside stored ones, filled
         self._side: np.ndarray | None = None  # scratch of the flat kernel (zero between calls)
         self._run_list: np.ndarray | None = None  # scratch of the listed run kernels
-        self._room: int | None = None  # int32 table (a spawned worker's): voxels it may still take
-        self._alloc(kcap, dense)
+        if self._identity and nfixed <= cpu.LUT_SIZE:
+            self._keys = np.arange(nfixed, dtype=np.uint64)  # capacity nfixed: fixed spaces never grow
+        # a fixed label space kept as diagonal + marginals counts into int32 until it could overflow
+        self._alloc(kcap, dense, narrow=self._fixed and not dense)
         if self._identity and nfixed <= cpu.LUT_SIZE:  # labels 0..K-1: value v is index v, no hashing
-            self._keys[:nfixed] = np.arange(nfixed, dtype=np.uint64)
-            self._lut[:nfixed] = np.arange(nfixed, dtype=np.int32)
+            self._lut = np.arange(cpu.LUT_SIZE, dtype=np.int32)
+            self._lut[nfixed:] = -1
             self._state[cpu.NLAB] = nfixed
         elif fixed is not None:
             keys = np.arange(nfixed, dtype=np.uint64) if isinstance(fixed, range) else np.asarray(fixed, dtype=np.uint64)
             self._add_keys(keys)
 
     # ------------------------------------------------------------------ storage
-    def _alloc(self, kcap: int, dense: bool) -> None:
+    def _alloc(self, kcap: int, dense: bool, narrow: bool = False) -> None:
+        """Tables for ``kcap`` labels; ``narrow``: diagonal + marginals in int32 (see :meth:`_widen`)."""
         self._kcap = kcap
         self._dense = dense
-        self._keys = (
-            np.zeros(kcap, dtype=np.uint64) if not hasattr(self, "_keys") else _resized(self._keys, kcap)
-        )
-        self._acc = _padded_zeros(kcap * kcap if dense else 3 * kcap)
+        keys = getattr(self, "_keys", None)
+        if keys is None or len(keys) != kcap:
+            self._keys = np.zeros(kcap, dtype=np.uint64) if keys is None else _resized(keys, kcap)
+        size = kcap * kcap if dense else 3 * kcap
+        self._acc = _padded_zeros(size, np.int32) if narrow else _padded_zeros(size)
+        self._room = INT32_ROOM if narrow else None  # an int32 table: voxels it may still take
+        self._taken = 0  # voxels it took
 
     def _grow_labels(self, need: int) -> None:
         """Make room for at least ``need`` labels, switching to marginals past ``dense_max``."""
@@ -304,6 +310,7 @@ class ConfusionCounts:
                 self._widen()
             else:
                 self._room -= gt.size
+                self._taken += gt.size
         broadcast = [a is not None and _constant(a) for a in (gt, pred, mask)]
         if any(broadcast):  # unstored chunks, read as their fill value
             if self._prob is None and broadcast[0] and broadcast[1] and (mask is None or broadcast[2]):
@@ -625,24 +632,17 @@ class ConfusionCounts:
     def spawn(self) -> ConfusionCounts:
         """An empty accumulator with the same label space and options (for another worker)."""
         num_classes, labels = self._config
-        new = type(self)(
+        return type(self)(
             num_classes, labels=labels, ignore_label=self.ignore_label, dense_max=self.dense_max,
             probability=self._prob, channel_axis=self.channel_axis, memory_limit=False,
         )  # fmt: skip
-        new._narrow()
-        return new
-
-    def _narrow(self) -> None:
-        """Keep a fixed label space's diagonal + marginals in int32 (an empty accumulator's):
-        half the bytes of the tables each run adds into (65 536 labels: 0.75 instead of 1.5 MiB,
-        within a core's L2), about 5 % faster on uint16 ids. Widened to int64 before any cell
-        could pass 2**31 - 1 (:meth:`add_chunk` counts the voxels it may still take) and before
-        anything merges into it."""
-        if self._fixed and not self._dense and self._room is None:
-            self._acc = _padded_zeros(len(self._acc), np.int32)
-            self._room = INT32_ROOM
 
     def _widen(self) -> None:
+        """A fixed label space's diagonal + marginals start in int32: half the bytes of the
+        tables each run adds into (65 536 labels: 0.75 instead of 1.5 MiB, within a core's L2),
+        about 5 % faster on uint16 ids. They become int64 here, before any cell could pass
+        2**31 - 1: before a chunk larger than the voxels they may still take
+        (:meth:`add_chunk`), before a merge of more, before counts are multiplied or restored."""
         if self._room is not None:
             wide = _padded_zeros(len(self._acc))
             wide += self._acc
@@ -655,7 +655,12 @@ class ConfusionCounts:
         other._fold()
         self._check_usable()
         other._check_usable()
-        self._widen()
+        if self._room is not None:  # int32 tables stay so while both sides' voxels fit
+            if other._room is not None and other._taken <= self._room:
+                self._room -= other._taken
+                self._taken += other._taken
+            else:
+                self._widen()
         if other._prob != self._prob:
             raise OptionError(
                 f"cannot merge accumulators with different probability settings ({self._prob} and {other._prob})"
@@ -853,6 +858,7 @@ class ConfusionCounts:
             num_classes, labels=labels, ignore_label=st["ignore_label"], dense_max=st["dense_max"],
             probability=st["probability"], channel_axis=st["channel_axis"], memory_limit=False,
         )  # fmt: skip
+        self._widen()  # the counts restored may not fit int32
         if st["hist"] is not None:
             self._hist += st["hist"]
         self._prob_max = st.get("prob_max", self._prob_max)
