@@ -673,7 +673,8 @@ class ConfusionCounts:
         keys = other._keys[:n_other]
         if (
             self._fixed and other._fixed and self._dense == other._dense and self._kcap == other._kcap
-            and n_other == int(self._state[cpu.NLAB]) and np.array_equal(keys, self._keys[:n_other])
+            and n_other == int(self._state[cpu.NLAB])
+            and ((self._identity and other._identity) or np.array_equal(keys, self._keys[:n_other]))
         ):  # the same label space in the same order (a spawned worker's): add the tables as they are
             self._acc += other._acc
             self._merge_rest(other)
