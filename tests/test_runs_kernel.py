@@ -12,7 +12,7 @@ public API then reports that voxel, exactly where it is.
 The same for 2-byte labels through the label lookup (``kernels.cpu.count_runs16``, 32 voxels at a
 time): discovery that grows the tables mid-chunk (the kernel stops at a run and resumes there),
 dense and diagonal + marginals tables, runs on the diagonal of every length, errors at their voxel;
-``num_classes >= 65536`` on uint16 ids, where every value is a label and the listed kernel tests
+``num_classes >= 65536`` on uint16 ids, where every value is a label and the run kernels test
 nothing per run.
 """
 
@@ -348,8 +348,8 @@ def test_uint16_across_stretches(kernel_choice, n, dense):
 @pytest.mark.parametrize("k", [65536, 70000])
 @pytest.mark.parametrize("ignore", [None, 7], ids=["no-ignore", "ignore-7"])
 def test_uint16_ids_every_value_a_label(kernel_choice, k, ignore):
-    """``num_classes >= 65536`` on uint16 inputs: every value is a label, its own index (the
-    listed kernel counts such runs with no test at all; with an ignore label it tests each run).
+    """``num_classes >= 65536`` on uint16 inputs: every value is a label, its own index (both run
+    kernels count such runs with no test at all; with an ignore label they test each run).
     Over many stretches, values 0 and 65535, against numpy; on int16 inputs a negative value
     is still refused at its voxel."""
     rng = np.random.default_rng(k)

@@ -948,6 +948,7 @@ def count_runs16(
     stack (64 Mvoxel of uint16 ids on one core: 35.7 ms, against 25.4 without).
     """
     glim, plim = _limits(gt_signed_from, pred_signed_from, identity, kcap)
+    whole = identity and not dense and not has_ignore and min(glim, plim) >= np.uint64(1 << 16)  # see count_runs16_listed
     ign = ignore if has_ignore else np.uint64(1 << 16)  # no 2-byte value equals 65536
     end = (g1.shape[0] // 32) * 32  # whole blocks only: count_words resumes at a word boundary
     if start >= end:
@@ -980,7 +981,11 @@ def count_runs16(
                 e = pos + trailing_zeros(m)
                 m &= m - np.uint64(1)
             w = e - rs
-            if rg == ign:
+            if whole:  # no test per run
+                acc[rg] += w
+                acc[ku + rp] += w
+                acc[ku + ku + rg] += w & -np.int64(rg == rp)
+            elif rg == ign:
                 nignored += w
             else:
                 ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
