@@ -368,7 +368,7 @@ def evaluate(
             acc,
             None,
             None,
-            workers=nworkers,
+            workers=workers,  # None: the engine picks (one thread for small in-memory runs)
             scheduler=scheduler,
             progress=bar,
             volumes=(pv, gv, mv),
@@ -592,7 +592,7 @@ def contingency(
     assert ct is not None
     bar = _progress(progress, int(np.prod(gv.shape, dtype=np.int64)))
     try:
-        run_reducers([ct], (pv, gv, mv), workers=nworkers, scheduler=scheduler, progress=bar)
+        run_reducers([ct], (pv, gv, mv), workers=workers, scheduler=scheduler, progress=bar)
     finally:
         if isinstance(bar, ProgressBar):
             bar.close()
@@ -664,7 +664,7 @@ def confusion_matrix(
     check_volumes(pv, gv, mv)
     check_chunks((pv, gv, mv), nworkers)
     chosen = _device_backend(backend, chosen, (pv, gv, mv))
-    count_into(acc, None, None, workers=nworkers, volumes=(pv, gv, mv), backend=chosen)
+    count_into(acc, None, None, workers=workers, volumes=(pv, gv, mv), backend=chosen)
     if not acc.is_dense:
         raise FastSegError(
             f"{acc.num_classes} distinct labels: more than {CONFUSION_MATRIX_MAX}, too many for a dense matrix; "

@@ -274,3 +274,49 @@ def test_numpy_slabs_and_progress():
     res = fse.evaluate(pred, gt, num_classes=3, workers=2, progress=progress)
     _check(res, *reference_confusion(pred, gt, labels=range(3)))
     assert sum(seen) == gt.size and len(seen) == res.timing["units"] > 1
+
+
+def test_small_in_memory_runs_count_in_the_calling_thread(tmp_path, monkeypatch):
+    """Without ``workers``, an in-memory run of fewer than ``SMALL_RUN`` voxels and no halo counts
+    in one thread (a pool costs more than it saves there); ``workers`` given, a larger volume, a
+    zarr input or a halo (boundary metrics) keep the pool. The counts are the same every way."""
+    from fastseg_eval.api import count_into
+    from fastseg_eval.engine import default_workers, threads
+
+    if default_workers() < 2:
+        pytest.skip("one CPU: every run counts in one thread")
+    threads_seen = set()
+    real_add = fse.ConfusionMatrix.add
+
+    def add(self, block):
+        threads_seen.add(threading.get_ident())
+        return real_add(self, block)
+
+    monkeypatch.setattr(fse.ConfusionMatrix, "add", add)
+    rng = np.random.default_rng(1)
+    gt = rng.integers(0, 3, size=(2, 64, 64, 64), dtype=np.uint8)
+    pred = np.where(rng.random(gt.shape) < 0.8, gt, 1).astype(np.uint8)
+    ref = reference_confusion(pred, gt, labels=range(3))
+
+    acc = fse.ConfusionMatrix(num_classes=3)
+    stats = count_into(acc, pred, gt)
+    assert stats.workers == 1 and stats.units > 1 and threads_seen == {threading.get_ident()}
+    np.testing.assert_array_equal(acc.counts, ref[0])
+    res = fse.evaluate(pred, gt, num_classes=3)
+    assert res.timing["workers"] == 1
+    _check(res, *ref)
+
+    threads_seen.clear()
+    res = fse.evaluate(pred, gt, num_classes=3, workers=2)  # asked for: two threads
+    assert res.timing["workers"] == 2 and threading.get_ident() not in threads_seen
+    _check(res, *ref)
+    monkeypatch.setattr(threads, "SMALL_RUN", gt.size)  # now it is not small
+    assert fse.evaluate(pred, gt, num_classes=3).timing["workers"] == 2
+    monkeypatch.setattr(threads, "SMALL_RUN", gt.size + 1)
+    write_zarr(tmp_path / "p.zarr", pred, (1, 32, 64, 64))
+    write_zarr(tmp_path / "g.zarr", gt, (1, 32, 64, 64))
+    on_disk = fse.evaluate(str(tmp_path / "p.zarr"), str(tmp_path / "g.zarr"), num_classes=3)
+    assert on_disk.timing["workers"] == 2  # reading chunk files: threads pay off
+    _check(on_disk, *ref)
+    halo = fse.evaluate(pred[0], gt[0], num_classes=3, metrics="hd95")  # a halo: the heavy per-voxel work keeps threads
+    assert halo.timing["workers"] == 2

@@ -48,7 +48,7 @@ def run_reducers(
     else:
         from fastseg_eval.engine.threads import run_threads
 
-        stats = run_threads(reducers, gv, pv, mv, nworkers, progress)
+        stats = run_threads(reducers, gv, pv, mv, nworkers, progress, auto=workers is None)
     stats.seconds = time.perf_counter() - t0
     stats.voxels = int(np.prod(gv.spatial_shape, dtype=np.int64))
     return stats
