@@ -553,6 +553,8 @@ class ConfusionCounts:
                 if status != cpu.OK:
                     self._raise_bad(status, np.unravel_index(int(state[cpu.POS]), gv.shape), gt, pred)
                 start = int(state[cpu.POS])  # the rest, past the last whole block
+                if start == g1.size:
+                    return
             status = self._growing(
                 lambda at: cpu.count_words(
                     g1, p1, m1, *words, has_mask, ignore, has_ignore, np.uint64(g_signed), np.uint64(p_signed),
