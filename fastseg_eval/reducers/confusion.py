@@ -657,12 +657,6 @@ class ConfusionCounts:
         other._fold()
         self._check_usable()
         other._check_usable()
-        if self._room is not None:  # int32 tables stay so while both sides' voxels fit
-            if other._room is not None and other._taken <= self._room:
-                self._room -= other._taken
-                self._taken += other._taken
-            else:
-                self._widen()
         if other._prob != self._prob:
             raise OptionError(
                 f"cannot merge accumulators with different probability settings ({self._prob} and {other._prob})"
@@ -671,6 +665,12 @@ class ConfusionCounts:
             raise OptionError(
                 f"cannot merge accumulators with different ignore labels ({self.ignore_label} and {other.ignore_label})"
             )
+        if self._room is not None:  # int32 tables stay so while both sides' voxels fit
+            if other._room is not None and other._taken <= self._room:
+                self._room -= other._taken
+                self._taken += other._taken
+            else:
+                self._widen()
         n_other = int(other._state[cpu.NLAB])
         keys = other._keys[:n_other]
         if (
