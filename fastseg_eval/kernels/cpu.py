@@ -297,6 +297,14 @@ def _assign(v, signed_from, fixed, lut, hkeys, hvals, labels, state):
     return nlab
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _known(v, limit, identity, lut):
+    """The index of label value ``v`` if it is known without assigning: ``v`` itself with
+    ``identity``, else the lookup table's entry; -1 at or past ``limit`` (see :func:`_limits`;
+    values there go to :func:`_resolve`). Inlined by numba into the kernels' loops."""
+    return (np.int64(v) if identity else np.int64(lut[v])) if v < limit else np.int64(-1)
+
+
 @njit(nogil=True, cache=True)
 def _resolve(rg, rp, glim, plim, gt_signed_from, pred_signed_from, fixed, identity, lut, hkeys, hvals, labels, state):  # fmt: skip
     """``(status, gt index, pred index)`` of a run's pair (``rg``, ``rp``) that the run kernels'
@@ -304,12 +312,12 @@ def _resolve(rg, rp, glim, plim, gt_signed_from, pred_signed_from, fixed, identi
     :func:`_assign`; ``status`` is ``OK``, or ``GROW_*`` / ``BAD_*`` with ``state[VALUE]`` set
     (the caller sets ``state[POS]``). The kernels look labels up inline and call this only for
     a pair they could not: a call on every pair made LLVM keep the loop's values on the stack."""
-    ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
+    ig = _known(rg, glim, identity, lut)
     if ig < 0:
         ig = _assign(rg, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
     ip = np.int64(0)
     if ig >= 0:
-        ip = (np.int64(rp) if identity else np.int64(lut[rp])) if rp < plim else np.int64(-1)
+        ip = _known(rp, plim, identity, lut)
         if ip < 0:
             ip = _assign(rp, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
     if ig < 0 or ip < 0:
@@ -516,8 +524,8 @@ def count_words(
             elif has_ignore and g == ignore:
                 nignored += lanes
             else:
-                ig = (np.int64(g) if identity else np.int64(lut[g])) if g < glim else np.int64(-1)
-                ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
+                ig = _known(g, glim, identity, lut)
+                ip = _known(p, plim, identity, lut)
                 if (ig < 0) | (ip < 0):  # a label to assign (discovery) or refuse
                     status, ig, ip = _resolve(
                         g, p, glim, plim, gt_signed_from, pred_signed_from, fixed, identity, lut, hkeys, hvals,
@@ -564,8 +572,8 @@ def count_words(
             if has_ignore and g == ignore:
                 nignored_w += n
                 continue
-            ig = (np.int64(g) if identity else np.int64(lut[g])) if g < glim else np.int64(-1)
-            ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
+            ig = _known(g, glim, identity, lut)
+            ip = _known(p, plim, identity, lut)
             if (ig < 0) | (ip < 0):  # a label to assign (discovery) or refuse
                 status, ig, ip = _resolve(
                     g, p, glim, plim, gt_signed_from, pred_signed_from, fixed, identity, lut, hkeys, hvals,
@@ -620,11 +628,11 @@ def count_words(
             if has_ignore and g == ignore:
                 nignored += 1
                 continue
-            ig = (np.int64(g) if identity else np.int64(lut[g])) if g < glim else np.int64(-1)
+            ig = _known(g, glim, identity, lut)
             if ig < 0:
                 ig = _assign(g, gt_signed_from, fixed, lut, hkeys, hvals, labels, state)
             p = np.uint64(p1[kk])
-            ip = (np.int64(p) if identity else np.int64(lut[p])) if p < plim else np.int64(-1)
+            ip = _known(p, plim, identity, lut)
             if ip < 0:
                 ip = _assign(p, pred_signed_from, fixed, lut, hkeys, hvals, labels, state)
             if dense:
@@ -1003,8 +1011,8 @@ def count_runs16(
             elif rg == ign:
                 nignored += w
             else:
-                ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
-                ip = (np.int64(rp) if identity else np.int64(lut[rp])) if rp < plim else np.int64(-1)
+                ig = _known(rg, glim, identity, lut)
+                ip = _known(rp, plim, identity, lut)
                 if (ig < 0) | (ip < 0):
                     break  # to the run's labels, assigned or refused below
                 _add_run(acc, dense, ku, np.uint64(ig), np.uint64(ip), w)
@@ -1092,8 +1100,8 @@ def count_runs16_listed(
                 if rg == ign:
                     nignored += w
                 else:
-                    ig = (np.int64(rg) if identity else np.int64(lut[rg])) if rg < glim else np.int64(-1)
-                    ip = (np.int64(rp) if identity else np.int64(lut[rp])) if rp < plim else np.int64(-1)
+                    ig = _known(rg, glim, identity, lut)
+                    ip = _known(rp, plim, identity, lut)
                     if (ig < 0) | (ip < 0):
                         break
                     _add_run(acc, dense, ku, np.uint64(ig), np.uint64(ip), w)
