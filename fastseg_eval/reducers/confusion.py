@@ -146,7 +146,13 @@ class ConfusionCounts:
         else:
             kcap = min(_INITIAL_KCAP, max(self.dense_max, 1))
             dense = kcap <= self.dense_max
-        self._lut = np.full(cpu.LUT_SIZE, -1, dtype=np.int32)
+        in_lut = self._identity and nfixed <= cpu.LUT_SIZE  # labels 0..K-1: value v is index v, no hashing
+        if in_lut:
+            self._lut = np.arange(cpu.LUT_SIZE, dtype=np.int32)
+            self._lut[nfixed:] = -1
+            self._keys = np.arange(nfixed, dtype=np.uint64)  # capacity nfixed: fixed spaces never grow
+        else:
+            self._lut = np.full(cpu.LUT_SIZE, -1, dtype=np.int32)
         self._hkeys = np.zeros(0, dtype=np.uint64)
         self._hvals = np.zeros(0, dtype=np.int32)
         self._state = _padded_zeros(cpu.STATE_SIZE)
@@ -155,13 +161,9 @@ class ConfusionCounts:
         self._fill_buffers: dict[str, np.ndarray] = {}  # unstored chunks beside stored ones, filled
         self._side: np.ndarray | None = None  # scratch of the flat kernel (zero between calls)
         self._run_list: np.ndarray | None = None  # scratch of the listed run kernels
-        if self._identity and nfixed <= cpu.LUT_SIZE:
-            self._keys = np.arange(nfixed, dtype=np.uint64)  # capacity nfixed: fixed spaces never grow
         # a fixed label space kept as diagonal + marginals counts into int32 until it could overflow
         self._alloc(kcap, dense, narrow=self._fixed and not dense)
-        if self._identity and nfixed <= cpu.LUT_SIZE:  # labels 0..K-1: value v is index v, no hashing
-            self._lut = np.arange(cpu.LUT_SIZE, dtype=np.int32)
-            self._lut[nfixed:] = -1
+        if in_lut:
             self._state[cpu.NLAB] = nfixed
         elif fixed is not None:
             keys = np.arange(nfixed, dtype=np.uint64) if isinstance(fixed, range) else np.asarray(fixed, dtype=np.uint64)
