@@ -5,7 +5,9 @@ zarr and dask. Zarr runs decode every chunk exactly once; dask graphs compute ea
 from __future__ import annotations
 
 import math
+import os
 import threading
+import time
 
 import dask.array as da
 import hypothesis.strategies as st
@@ -287,9 +289,11 @@ def test_small_in_memory_runs_count_in_the_calling_thread(tmp_path, monkeypatch)
         pytest.skip("one CPU: every run counts in one thread")
     threads_seen = set()
     real_add = fse.ConfusionMatrix.add
+    slow = [0.0]
 
     def add(self, block):
         threads_seen.add(threading.get_ident())
+        time.sleep(slow[0])
         return real_add(self, block)
 
     monkeypatch.setattr(fse.ConfusionMatrix, "add", add)
@@ -307,9 +311,11 @@ def test_small_in_memory_runs_count_in_the_calling_thread(tmp_path, monkeypatch)
     _check(res, *ref)
 
     threads_seen.clear()
-    res = fse.evaluate(pred, gt, num_classes=3, workers=2)  # asked for: two threads
-    assert res.timing["workers"] == 2 and threading.get_ident() not in threads_seen
+    slow[0] = 0.005  # each block takes a while: the pool's thread surely takes some
+    res = fse.evaluate(pred, gt, num_classes=3, workers=2)  # asked for: two threads, the caller one of them
+    assert res.timing["workers"] == 2 and len(threads_seen) == 2 and threading.get_ident() in threads_seen
     _check(res, *ref)
+    slow[0] = 0.0
     monkeypatch.setattr(threads, "SMALL_RUN", gt.size)  # now it is not small
     assert fse.evaluate(pred, gt, num_classes=3).timing["workers"] == 2
     monkeypatch.setattr(threads, "SMALL_RUN", gt.size + 1)
@@ -320,3 +326,89 @@ def test_small_in_memory_runs_count_in_the_calling_thread(tmp_path, monkeypatch)
     _check(on_disk, *ref)
     halo = fse.evaluate(pred[0], gt[0], num_classes=3, metrics="hd95")  # a halo: the heavy per-voxel work keeps threads
     assert halo.timing["workers"] == 2
+
+
+def test_worker_threads_are_kept_between_runs(monkeypatch):
+    """Runs with two workers count in the calling thread and one thread of a pool kept from run
+    to run (a thread start costs 0.3-0.7 ms on a small VM). A run that finds the pool held (one
+    in another thread at the same time) makes its own; a worker's error reaches the caller and
+    leaves the kept pool usable; a forked child counts with a pool of its own. Counts are
+    numpy's every time."""
+    from fastseg_eval.engine import default_workers, threads
+    from fastseg_eval.errors import LabelError
+
+    if default_workers() < 2:
+        pytest.skip("one CPU: every run counts in one thread")
+    monkeypatch.setattr(threads, "_POOL", threads._KeptPool())  # noqa: SLF001 - a fresh pool: one helper thread
+    seen: list[threading.Thread] = []  # the threads themselves: idents of ended threads are reused
+    real_add = fse.ConfusionMatrix.add
+    gate = threading.Event()
+    gate.set()
+
+    def add(self, block):
+        seen.append(threading.current_thread())
+        gate.wait(10)
+        time.sleep(0.002)  # each block takes a while: the pool's thread surely takes some
+        return real_add(self, block)
+
+    monkeypatch.setattr(fse.ConfusionMatrix, "add", add)
+    rng = np.random.default_rng(7)
+    gt = rng.integers(0, 4, size=(64, 64, 64), dtype=np.uint8)  # four units
+    pred = np.where(rng.random(gt.shape) < 0.8, gt, 3).astype(np.uint8)
+    ref = reference_confusion(pred, gt, labels=range(4))
+    me = threading.current_thread()
+
+    def helpers():
+        return set(seen) - {me}
+
+    runs = []
+    for _ in range(3):
+        seen.clear()
+        res = fse.evaluate(pred, gt, num_classes=4, workers=2)
+        _check(res, *ref)
+        assert me in seen and len(helpers()) == 1
+        runs.append(helpers())
+    assert runs[0] == runs[1] == runs[2]  # the same helper thread every run: the pool was kept
+
+    # a second run while the first holds the pool: a pool of its own, both counts exact
+    seen.clear()
+    gate.clear()
+    out = {}
+    first = threading.Thread(target=lambda: out.update(a=fse.evaluate(pred, gt, num_classes=4, workers=2)))
+    first.start()
+    deadline = time.monotonic() + 10
+    while len(set(seen)) < 2 and time.monotonic() < deadline:  # the first run's two workers are in
+        time.sleep(0.001)
+    second = threading.Thread(target=lambda: out.update(b=fse.evaluate(pred, gt, num_classes=4, workers=2)))
+    second.start()
+    time.sleep(0.05)
+    gate.set()
+    first.join(30)
+    second.join(30)
+    _check(out["a"], *ref)
+    _check(out["b"], *ref)
+    callers = {first, second}
+    # two callers, the kept helper (the first run's) and a helper of the second run's own pool
+    assert len(set(seen)) == 4 and callers < set(seen) and runs[0] < set(seen)
+
+    # a bad value in the last unit (whichever worker counts it): one LabelError, and the pool still serves
+    bad = gt.copy()
+    bad[63, 63, 63] = 9
+    with pytest.raises(LabelError) as info:
+        fse.evaluate(pred, bad, num_classes=4, workers=2)
+    assert info.value.value == 9 and info.value.position == (63, 63, 63)
+    seen.clear()
+    _check(fse.evaluate(pred, gt, num_classes=4, workers=2), *ref)
+    assert helpers() == runs[0]
+
+    if hasattr(os, "fork"):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as child:
+            counts = child.apply_async(_counts_two_workers, (pred, gt)).get(timeout=60)
+        np.testing.assert_array_equal(counts, ref[0])
+
+
+def _counts_two_workers(pred, gt):
+    return fse.evaluate(pred, gt, num_classes=4, workers=2).confusion_matrix

@@ -1,4 +1,5 @@
-"""The threads engine: a pool of threads reads work units and hands them to every reducer.
+"""The threads engine: the calling thread and the threads of a kept pool read work units and
+hand them to every reducer.
 
 Contract (every engine keeps it): every voxel lies in exactly one block's core; each input chunk
 is decoded once (while the chunk cache's budget allows); the reducers passed in change only
@@ -27,9 +28,11 @@ import bisect
 import itertools
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -51,9 +54,11 @@ log = logging.getLogger("fastseg_eval")
 UNIT_VOXELS = 1 << 22  # target size of a numpy work unit
 SMALL_RUN = 1 << 20
 """In-memory runs of fewer voxels, without a halo and with ``workers`` not given, count in the
-calling thread: a pool's start, the GIL turns of a few small units and one more merge cost more
-than a second thread saves (a 2 x 64^3 update, K = 4: 1.1 ms with two threads, 0.2 ms in one;
-uint16 ids, 1 Mvoxel: 2.9 against 1.2 ms)."""
+calling thread alone: waking a second thread, the GIL turns of a few small units and one more
+merge cost more than the second thread saves (measured with a pool started per run: a 2 x 64^3
+update, K = 4: 1.1 ms with two threads, 0.2 ms in one; uint16 ids, 1 Mvoxel: 2.9 against 1.2 ms;
+with the kept pool, the caller one of the workers: 1 Mvoxel K = 4 1.15 against 0.58 ms, ids 2.1
+against 1.7 ms, even at 2 Mvoxel for ids)."""
 CACHE_BUDGET = 512 << 20  # bytes of straddling chunks kept decoded per input (misaligned grids)
 HALO_CACHE_BUDGET = 128 << 20  # per input, halo runs: chunks a neighbour needs much later are decoded again
 
@@ -396,6 +401,54 @@ def unit_blocks(plan: _Plan, gv: Volume, pv: Volume, mv: Volume | None, unit: Re
         )  # fmt: skip
 
 
+
+class _KeptPool:
+    """Worker threads kept from one run to the next.
+
+    Starting a thread costs 0.3-0.7 ms on a small VM (the call waits until the thread runs), and
+    a run started two: about 1 ms before the first unit was counted, 8-10 % of a 512**3 K = 4
+    count in memory, more than the whole count of a training-loop batch. One run at a time holds
+    the kept pool; a run that finds it held (another thread's run, or a run nested in one) makes
+    a pool of its own for its duration, as before, so that no run ever waits for another's
+    units. The pool grows to the largest ``workers`` asked for; a forked child starts without
+    one (the parent's threads do not exist there). Idle threads are joined at interpreter exit
+    by :mod:`concurrent.futures`, as any executor's.
+    """
+
+    def __init__(self) -> None:
+        self._held = threading.Lock()
+        self._ex: ThreadPoolExecutor | None = None
+        self._size = 0
+
+    @contextmanager
+    def lend(self, workers: int) -> Iterator[ThreadPoolExecutor]:
+        if not self._held.acquire(blocking=False):
+            with ThreadPoolExecutor(workers, thread_name_prefix="fastseg") as own:
+                yield own
+            return
+        try:
+            if self._ex is None or self._size < workers:
+                if self._ex is not None:
+                    self._ex.shutdown(wait=False)  # idle threads: they exit at once
+                self._ex = ThreadPoolExecutor(workers, thread_name_prefix="fastseg")
+                self._size = workers
+            yield self._ex
+        finally:
+            self._held.release()
+
+
+_POOL = _KeptPool()
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there."""
+    global _POOL
+    _POOL = _KeptPool()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
 def run_threads(
     reducers: Sequence[Reducer],
     gv: Volume,
@@ -448,29 +501,34 @@ def run_threads(
     def work_and_finish(crew: list[Any], units: Iterator[Region]) -> list[Any]:
         # a worker finishes its reducers in its own thread: heavy finishes (sorting a contingency
         # table, copying device counts back) run side by side, not one after the other
-        work(crew, units)
-        return [r.finish() for r in crew]
+        try:
+            work(crew, units)
+            return [r.finish() for r in crew]
+        except BaseException:
+            stop.set()  # the others stop after their unit
+            raise
 
     work(crews[0], iter(empty))
     if workers == 1:
         partials = [work_and_finish(crews[0], units)]
     else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="fastseg") as ex:
-            futures = [ex.submit(work_and_finish, c, units) for c in crews]
+        # this thread is one of the workers: it counts at once, while the kept pool's threads
+        # wake up (a fraction of a millisecond each on a small VM)
+        with _POOL.lend(workers - 1) as ex:
+            futures = [ex.submit(work_and_finish, c, units) for c in crews[1:]]
             try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:  # KeyboardInterrupt: let the workers finish their unit and stop
+                mine = work_and_finish(crews[0], units)
+                wait(futures)
+            except BaseException:  # a bad value, or KeyboardInterrupt: the others finish their unit
                 stop.set()
+                wait(futures)
                 raise
-            for f in done:
+            for f in futures:
                 if f.exception() is not None:
-                    stop.set()
-                    wait(futures)
                     raise f.exception()
-            wait(futures)
             # every worker finished before any partial is merged: a late (CUDA) error leaves the
             # reducers untouched
-            partials = [f.result() for f in futures]
+            partials = [mine] + [f.result() for f in futures]
     for crew in partials:
         for r, part in zip(reducers, crew):
             r.merge(part)
