@@ -11,11 +11,17 @@ Three label spaces on the same generator (about 85 % background, jittered bounda
 * instance ids (uint16, tens of thousands of ids): ``ConfusionMatrix(num_classes=65536)``
   (diagonal + marginals mode), ``fse.evaluate`` with discovery (all metrics for every id), and
   the numpy equivalent (three bincounts: gt, pred, and gt where gt == pred).
+* the three fastseg-eval cases above alternated call by call (group "kernel ratios"): the
+  K=256 / K=4 and ids / K=4 ratios from calls made moments apart. The cases of the groups
+  above run tens of seconds apart, and this VM's speed drifts by 20-30 % within minutes, which
+  the ratio of their medians then carries.
 
 Every case checks its counts against the generator's independent numpy reference after timing.
 """
 
 from __future__ import annotations
+
+import time
 
 import fastseg_bench_data as bd
 import numpy as np
@@ -186,3 +192,58 @@ def test_ids_numpy(benchmark, case):
     )
     for k in ("gt", "pred", "diag"):
         np.testing.assert_array_equal(out[k], ref[k])
+
+
+# ------------------------------------------------------------------ ratios, cases alternated
+PAIRED_ROUNDS = 15
+
+
+@pytest.mark.benchmark(group="kernel ratios")
+@pytest.mark.parametrize("case", ["alternated"], ids=[f"k4-k256-ids-alternated-{SIZE}"])
+def test_ratios_alternated(benchmark, case):
+    """K=4, K=256 and ids (the calls of the cases above) one after the other, ``PAIRED_ROUNDS``
+    times; each round gives a K=256 / K=4 and an ids / K=4 throughput ratio (same voxel count:
+    the inverse time ratio), and the medians of those are reported. The benchmark's own time is
+    that of a whole round."""
+    _held.clear()
+    data = {name: bd.cached_pair(SPECS[name]) for name in ("k4", "k256", "ids")}
+    times: dict[str, list[float]] = {name: [] for name in data}
+    out: dict[str, object] = {}
+
+    def one_round():
+        for name, (pred, gt, _) in data.items():
+            acc = fse.ConfusionMatrix(num_classes=65536) if name == "ids" else None
+            t = time.perf_counter()
+            if acc is not None:
+                acc.update(pred, gt)
+                out[name] = acc
+            else:
+                out[name] = fse.confusion_matrix(pred, gt, num_classes=4 if name == "k4" else 256)
+            times[name].append(time.perf_counter() - t)
+
+    run(benchmark, one_round, rounds=PAIRED_ROUNDS)
+    for v in times.values():
+        assert len(v) == PAIRED_ROUNDS + 1
+        del v[0]  # the warm-up round
+    t4, t256, tids = (np.array(times[n]) for n in ("k4", "k256", "ids"))
+    bd.annotate(
+        benchmark,
+        key="kernel.ratios.alternated",
+        case="K=4, K=256, ids alternated (a round: one call each)",
+        size=SIZE,
+        voxels=3 * data["k4"][1].size,
+        paired_rounds=PAIRED_ROUNDS,
+        k4_ms=[round(x * 1e3, 2) for x in t4],
+        k256_ms=[round(x * 1e3, 2) for x in t256],
+        ids_ms=[round(x * 1e3, 2) for x in tids],
+        k256_over_k4=float(np.median(t4 / t256)),
+        ids_over_k4=float(np.median(t4 / tids)),
+    )
+    np.testing.assert_array_equal(out["k4"], data["k4"][2]["cm"])
+    np.testing.assert_array_equal(out["k256"], data["k256"][2]["cm"])
+    ref = data["ids"][2]
+    acc = out["ids"]
+    np.testing.assert_array_equal(acc.diagonal, ref["diag"])
+    np.testing.assert_array_equal(acc.gt_counts, ref["gt"])
+    np.testing.assert_array_equal(acc.pred_counts, ref["pred"])
+    data.clear()
