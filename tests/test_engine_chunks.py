@@ -412,3 +412,58 @@ def test_worker_threads_are_kept_between_runs(monkeypatch):
 
 def _counts_two_workers(pred, gt):
     return fse.evaluate(pred, gt, num_classes=4, workers=2).confusion_matrix
+
+
+def test_a_run_leaves_no_read_buffers_in_the_kept_threads(tmp_path, monkeypatch):
+    """The kept pool's threads outlive a run, and so may the run's plan and readers until the
+    garbage collector runs (their chunk caches refer back to the plan): a run drops every
+    thread's chunk and grown-unit buffers when it ends, or each run would add its buffers to the
+    process's memory (measured: 8 MiB more peak RSS per 1024^3 zarr run, for three runs)."""
+    import gc
+    import weakref
+
+    from fastseg_eval.engine import threads
+    from fastseg_eval.io import chunkread
+
+    held = []
+    real_buffer = chunkread.ChunkReader._buffer
+    real_grown = threads._Plan._grown_buffer
+
+    def buffer(self):
+        b = real_buffer(self)
+        held.append(weakref.ref(b))
+        return b
+
+    def grown(self, role, shape, dtype):
+        b = real_grown(self, role, shape, dtype)
+        held.append(weakref.ref(b.base if b.base is not None else b))  # the thread's array, not the view
+        return b
+
+    plans = []  # kept alive here, as a traceback or an uncollected cycle would keep them
+    real_init = threads._Plan.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        plans.append(self)
+
+    monkeypatch.setattr(chunkread.ChunkReader, "_buffer", buffer)
+    monkeypatch.setattr(threads._Plan, "_grown_buffer", grown)
+    monkeypatch.setattr(threads._Plan, "__init__", init)
+    rng = np.random.default_rng(3)
+    gt = rng.integers(0, 3, size=(32, 40, 48), dtype=np.uint8)
+    pred = np.where(rng.random(gt.shape) < 0.8, gt, 2).astype(np.uint8)
+    write_zarr(tmp_path / "p.zarr", pred, (16, 20, 24))
+    write_zarr(tmp_path / "g.zarr", gt, (16, 20, 24))
+    ref = reference_confusion(pred, gt, labels=range(3))
+    gc.disable()
+    try:
+        for metrics in (None, "hd95"):  # no halo, then a halo (grown units)
+            held.clear()
+            res = fse.evaluate(str(tmp_path / "p.zarr"), str(tmp_path / "g.zarr"), num_classes=3, workers=2, metrics=metrics)
+            _check(res, *ref)
+            assert held, "the run read through the buffers"
+            alive = [r for r in held if r() is not None]
+            assert not alive, f"{len(alive)} of {len(held)} read buffers outlived the run"
+        assert len(plans) == 2
+    finally:
+        gc.enable()

@@ -172,6 +172,11 @@ class ChunkReader:
         self.chunk_bytes = int(np.prod(chunks, dtype=np.int64)) * dtype.itemsize
         self._local = threading.local()
 
+    def release(self) -> None:
+        """Drop every thread's chunk buffer: the engine's threads outlive a run (a kept pool),
+        and this reader may outlive it too until the garbage collector finds it."""
+        self._local = threading.local()
+
     def _buffer(self) -> np.ndarray:
         """This thread's reusable chunk buffer (decoding into fresh memory costs page faults)."""
         buf = getattr(self._local, "buf", None)

@@ -100,6 +100,11 @@ class Volume:
         reader = self._fast_reader()
         return reader is not None and not reader.stored(region)
 
+    def release_buffers(self) -> None:
+        """Drop the per-thread read buffers of a zarr array's chunk reader (the end of a run)."""
+        if self._reader:
+            self._reader.release()
+
     def _fast_reader(self) -> Any:
         """The chunk reader of a zarr array (None when its layout needs zarr-python)."""
         if self._reader is False:
