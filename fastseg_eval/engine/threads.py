@@ -411,7 +411,6 @@ def unit_blocks(plan: _Plan, gv: Volume, pv: Volume, mv: Volume | None, unit: Re
         )  # fmt: skip
 
 
-
 class _KeptPool:
     """Worker threads kept from one run to the next.
 
@@ -459,6 +458,7 @@ def _forget_pool() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
+
 def run_threads(
     reducers: Sequence[Reducer],
     gv: Volume,
@@ -477,79 +477,94 @@ def run_threads(
     constant = all(getattr(r, "accepts_constant", False) for r in reducers)
     plan = _Plan(vols, workers, halo=halo, constant=constant)
     try:
-        n_units = plan.n_units()
-        workers = max(1, min(workers, n_units))
-        units = plan.units()
-        empty: list[Region] = []
-        if constant and halo == 0 and plan.primary.kind == "zarr":
-            # Units whose chunks the stores do not hold are counted first, in this thread: each is a
-            # few Python steps, which two threads would only take turns at (the GIL).
-            rest = []
-            for unit in units:
-                region = tuple(slice(a, b) for a, b in unit)
-                if all(v.unstored(region) for v in (plan.primary, *(v for v in vols if v is not plan.primary))):
-                    empty.append(unit)
-                else:
-                    rest.append(unit)
-            units = iter(rest)
-        lock = threading.Lock()
-        stop = threading.Event()
-        crews = [[r.spawn() for r in reducers] for _ in range(workers)]
-        halos = [int(r.halo) for r in reducers]
-
-        def work(crew: list[Any], units: Iterator[Region]) -> None:
-            while not stop.is_set():
-                with lock:
-                    unit = next(units, None)
-                if unit is None:
-                    return
-                for block in unit_blocks(plan, gv, pv, mv, unit):
-                    for r, h in zip(crew, halos):
-                        r.add(block.with_halo(h))
-                if progress is not None:
-                    progress(math.prod(b - a for a, b in unit))
-
-        def work_and_finish(crew: list[Any], units: Iterator[Region]) -> list[Any]:
-            # a worker finishes its reducers in its own thread: heavy finishes (sorting a contingency
-            # table, copying device counts back) run side by side, not one after the other
-            try:
-                work(crew, units)
-                return [r.finish() for r in crew]
-            except BaseException:
-                stop.set()  # the others stop after their unit
-                raise
-
-        work(crews[0], iter(empty))
-        if workers == 1:
-            partials = [work_and_finish(crews[0], units)]
-        else:
-            # this thread is one of the workers: it counts at once, while the kept pool's threads
-            # wake up (a fraction of a millisecond each on a small VM)
-            with _POOL.lend(workers - 1) as ex:
-                futures = [ex.submit(work_and_finish, c, units) for c in crews[1:]]
-                try:
-                    mine = work_and_finish(crews[0], units)
-                    wait(futures)
-                except BaseException:  # a bad value, or KeyboardInterrupt: the others finish their unit
-                    stop.set()
-                    wait(futures)
-                    raise
-                for f in futures:
-                    if f.exception() is not None:
-                        raise f.exception()
-                # every worker finished before any partial is merged: a late (CUDA) error leaves the
-                # reducers untouched
-                partials = [mine] + [f.result() for f in futures]
-        for crew in partials:
-            for r, part in zip(reducers, crew):
-                r.merge(part)
-        zarrs = [v for v in vols if v.kind == "zarr"]
-        return RunStats(
-            engine="threads",
-            workers=workers,
-            units=n_units,
-            chunks_decoded=plan.decodes(),
-            chunks_total={v.role: math.prod(len(b) - 1 for b in plan.bounds[v.role]) for v in zarrs},
-        )
+        return _run_plan(plan, reducers, gv, pv, mv, workers, progress)
     finally:
-        plan.release()
+        plan.release()  # the kept pool's threads outlive the run: drop what they hold for it
+
+
+def _run_plan(
+    plan: _Plan,
+    reducers: Sequence[Reducer],
+    gv: Volume,
+    pv: Volume,
+    mv: Volume | None,
+    workers: int,
+    progress: Callable[[int], None] | None,
+) -> RunStats:
+    """The body of :func:`run_threads` once its plan is made."""
+    vols, halo = plan.vols, plan.halo
+    n_units = plan.n_units()
+    workers = max(1, min(workers, n_units))
+    units = plan.units()
+    empty: list[Region] = []
+    if plan.constant and halo == 0 and plan.primary.kind == "zarr":
+        # Units whose chunks the stores do not hold are counted first, in this thread: each is a
+        # few Python steps, which two threads would only take turns at (the GIL).
+        rest = []
+        for unit in units:
+            region = tuple(slice(a, b) for a, b in unit)
+            if all(v.unstored(region) for v in (plan.primary, *(v for v in vols if v is not plan.primary))):
+                empty.append(unit)
+            else:
+                rest.append(unit)
+        units = iter(rest)
+    lock = threading.Lock()
+    stop = threading.Event()
+    crews = [[r.spawn() for r in reducers] for _ in range(workers)]
+    halos = [int(r.halo) for r in reducers]
+
+    def work(crew: list[Any], units: Iterator[Region]) -> None:
+        while not stop.is_set():
+            with lock:
+                unit = next(units, None)
+            if unit is None:
+                return
+            for block in unit_blocks(plan, gv, pv, mv, unit):
+                for r, h in zip(crew, halos):
+                    r.add(block.with_halo(h))
+            if progress is not None:
+                progress(math.prod(b - a for a, b in unit))
+
+    def work_and_finish(crew: list[Any], units: Iterator[Region]) -> list[Any]:
+        # a worker finishes its reducers in its own thread: heavy finishes (sorting a contingency
+        # table, copying device counts back) run side by side, not one after the other
+        try:
+            work(crew, units)
+            return [r.finish() for r in crew]
+        except BaseException:
+            stop.set()  # the others stop after their unit
+            raise
+
+    work(crews[0], iter(empty))
+    if workers == 1:
+        partials = [work_and_finish(crews[0], units)]
+    else:
+        # this thread is one of the workers: it counts at once, while the kept pool's threads
+        # wake up (a fraction of a millisecond each on a small VM)
+        with _POOL.lend(workers - 1) as ex:
+            futures = [ex.submit(work_and_finish, c, units) for c in crews[1:]]
+            try:
+                mine = work_and_finish(crews[0], units)
+                wait(futures)
+            except BaseException:  # a bad value, or KeyboardInterrupt: the others finish their unit
+                stop.set()
+                wait(futures)
+                raise
+            for f in futures:
+                exc = f.exception()
+                if exc is not None:
+                    raise exc
+            # every worker finished before any partial is merged: a late (CUDA) error leaves the
+            # reducers untouched
+            partials = [mine] + [f.result() for f in futures]
+    for crew in partials:
+        for r, part in zip(reducers, crew):
+            r.merge(part)
+    zarrs = [v for v in vols if v.kind == "zarr"]
+    return RunStats(
+        engine="threads",
+        workers=workers,
+        units=n_units,
+        chunks_decoded=plan.decodes(),
+        chunks_total={v.role: math.prod(len(b) - 1 for b in plan.bounds[v.role]) for v in zarrs},
+    )
