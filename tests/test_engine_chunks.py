@@ -381,7 +381,8 @@ def test_worker_threads_are_kept_between_runs(monkeypatch):
         time.sleep(0.001)
     second = threading.Thread(target=lambda: out.update(b=fse.evaluate(pred, gt, num_classes=4, workers=2)))
     second.start()
-    time.sleep(0.05)
+    while len(set(seen)) < 4 and time.monotonic() < deadline + 10:  # ... and the second run's two
+        time.sleep(0.001)
     gate.set()
     first.join(30)
     second.join(30)
