@@ -125,6 +125,15 @@ def _accumulate(acc, pred, gt):
     return acc.update(pred, gt)
 
 
+def _check_ids(acc, ref):
+    """The accumulator of the ids case against the generator's numpy counts."""
+    assert not acc.is_dense
+    np.testing.assert_array_equal(acc.labels, np.arange(65536))
+    np.testing.assert_array_equal(acc.diagonal, ref["diag"])
+    np.testing.assert_array_equal(acc.gt_counts, ref["gt"])
+    np.testing.assert_array_equal(acc.pred_counts, ref["pred"])
+
+
 def numpy_marginals(pred, gt):
     g, p = gt.ravel(), pred.ravel()
     n = 65536
@@ -150,11 +159,7 @@ def test_ids_accumulator(benchmark, case):
     bd.annotate(
         benchmark, key="kernel.ids.fse", case=f"fastseg-eval {case}", size=SIZE, voxels=gt.size, gt_ids=n_ids
     )
-    assert not acc.is_dense
-    np.testing.assert_array_equal(acc.labels, np.arange(65536))
-    np.testing.assert_array_equal(acc.diagonal, ref["diag"])
-    np.testing.assert_array_equal(acc.gt_counts, ref["gt"])
-    np.testing.assert_array_equal(acc.pred_counts, ref["pred"])
+    _check_ids(acc, ref)
 
 
 @pytest.mark.benchmark(group="kernel ids")
@@ -241,9 +246,5 @@ def test_ratios_alternated(benchmark, case):
     )
     np.testing.assert_array_equal(out["k4"], data["k4"][2]["cm"])
     np.testing.assert_array_equal(out["k256"], data["k256"][2]["cm"])
-    ref = data["ids"][2]
-    acc = out["ids"]
-    np.testing.assert_array_equal(acc.diagonal, ref["diag"])
-    np.testing.assert_array_equal(acc.gt_counts, ref["gt"])
-    np.testing.assert_array_equal(acc.pred_counts, ref["pred"])
+    _check_ids(out["ids"], data["ids"][2])
     data.clear()
