@@ -477,22 +477,18 @@ def run_threads(
     constant = all(getattr(r, "accepts_constant", False) for r in reducers)
     plan = _Plan(vols, workers, halo=halo, constant=constant)
     try:
-        return _run_plan(plan, reducers, gv, pv, mv, workers, progress)
+        return _run_plan(plan, reducers, workers, progress)
     finally:
         plan.release()  # the kept pool's threads outlive the run: drop what they hold for it
 
 
 def _run_plan(
-    plan: _Plan,
-    reducers: Sequence[Reducer],
-    gv: Volume,
-    pv: Volume,
-    mv: Volume | None,
-    workers: int,
-    progress: Callable[[int], None] | None,
+    plan: _Plan, reducers: Sequence[Reducer], workers: int, progress: Callable[[int], None] | None
 ) -> RunStats:
-    """The body of :func:`run_threads` once its plan is made."""
+    """The body of :func:`run_threads` once its plan is made (the inputs are the plan's: gt, pred,
+    and the mask if there is one)."""
     vols, halo = plan.vols, plan.halo
+    gv, pv, mv = vols[0], vols[1], (vols[2] if len(vols) > 2 else None)
     n_units = plan.n_units()
     workers = max(1, min(workers, n_units))
     units = plan.units()
