@@ -21,7 +21,7 @@ Two storage modes:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import numpy as np
@@ -148,9 +148,7 @@ class ConfusionCounts:
             dense = kcap <= self.dense_max
         in_lut = self._identity and nfixed <= cpu.LUT_SIZE  # labels 0..K-1: value v is index v, no hashing
         if in_lut:
-            self._lut = np.arange(cpu.LUT_SIZE, dtype=np.int32)
-            self._lut[nfixed:] = -1
-            self._keys = np.arange(nfixed, dtype=np.uint64)  # capacity nfixed: fixed spaces never grow
+            self._lut, self._keys = _identity_maps(nfixed)  # shared, never written
         else:
             self._lut = np.full(cpu.LUT_SIZE, -1, dtype=np.int32)
         self._hkeys = np.zeros(0, dtype=np.uint64)
@@ -904,6 +902,19 @@ where the CPU compresses vectors in one instruction; else walk each block's bits
 INT32_ROOM = (1 << 31) - 1  # voxels an int32 table takes: no cell can pass it
 SIDE_MAX = 1 << 12  # folding a larger scratch table per chunk would cost more than it saves
 _NO_HIST = np.zeros((1, 2, 1), dtype=np.int64)
+
+
+@lru_cache(maxsize=8)
+def _identity_maps(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The lookup table and the keys of the label space ``0..n-1`` (``n <= LUT_SIZE``): value
+    ``v`` is index ``v``. Shared by every accumulator of that space, and never written: a fixed
+    space refuses a value it does not hold instead of assigning it (``fixed`` in the kernels'
+    ``_assign``, and :meth:`ConfusionCounts._add_keys` finds every key of its own space), and its
+    capacity ``n`` never grows. Made per accumulator they cost fresh pages each time: 0.33 ms
+    for each worker's accumulator of a run at 65 536 labels (0.75 MiB), 0.09 ms at K = 4."""
+    lut = np.arange(cpu.LUT_SIZE, dtype=np.int32)
+    lut[n:] = -1
+    return lut, np.arange(n, dtype=np.uint64)
 
 
 def _padded_zeros(n: int, dtype: Any = np.int64) -> np.ndarray:
