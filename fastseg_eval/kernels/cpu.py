@@ -30,6 +30,28 @@ sums of ANDed bit planes). Past K = 4 on 1 byte, and for 2-byte labels without a
 counted run by run (:func:`count_runs`, :func:`count_runs16`); where the CPU compresses vectors
 in one instruction, a stretch's run starts are listed first and counted in one loop
 (:func:`count_runs_listed`, :func:`count_runs16_listed`).
+
+A numba pitfall
+---------------
+In a ``while True:`` loop, a local assigned in a branch that ends in ``break`` must not be read
+later in the loop body: numba (0.61 and 0.68, Python 3.11) then compiles the fall-through path
+with the branch's value, or with a stale one. Minimal case, ``f(3)``: Python ``(203, 102)``,
+numba ``(300, 5)``::
+
+    def f(n):
+        kk = out = pos = 0
+        while True:
+            kk += 1
+            if pos == n:
+                kk += 1
+                break
+            out += kk
+            pos += 1
+            kk = 100
+        return out, kk
+
+A loop condition other than the constant ``True``, or a ``return`` in place of the ``break``,
+compiles correctly. ``tests/test_kernel_loops.py`` checks the kernels for the pattern.
 """
 
 from __future__ import annotations
@@ -872,8 +894,8 @@ def count_runs(g1, p1, ignore, has_ignore, gt_limit, pred_limit, kcap, acc, stat
         if rg == ign:
             nignored += e - rs
         elif (rg >= gt_limit) | (rp >= pred_limit):
-            end = rs  # the caller counts from this run on, and reports its first voxel
-            break
+            state[NIGNORED] += nignored
+            return np.int64(rs)  # the caller counts from this run on, and reports its first voxel
         else:
             acc[rg * ku + rp] += e - rs  # unsigned index: no wraparound code
         if e == end:
