@@ -383,3 +383,32 @@ def test_result_from_accumulator_equals_evaluate():
     np.testing.assert_array_equal(res.confusion_matrix, reference_confusion(pred, gt)[0])
     assert res.per_class == ref.per_class
     assert res.overall == ref.overall
+
+
+@pytest.mark.parametrize("dense_max", [1024, 4], ids=["dense", "marginals past 4 labels"])
+def test_label_order_read_between_updates_follows_new_labels(dense_max):
+    """Discovered labels are sorted once per label set: reading the results, counting new labels
+    (the key list grows, or is replaced when the tables grow) and reading again gives the new
+    order, with every count at its label."""
+    acc = fse.ConfusionMatrix(dense_max=dense_max)
+    seen_gt: list[np.ndarray] = []
+    seen_pred: list[np.ndarray] = []
+    rng = np.random.default_rng(3)
+    for values in ([50, 30], [30, 40, 10], [70, 60, 20, 90, 80], [5]):
+        gt = rng.choice(values, size=(2, 3, 40)).astype(np.uint16)
+        pred = rng.choice(values, size=(2, 3, 40)).astype(np.uint16)
+        acc.update(pred, gt)
+        seen_gt.append(gt.ravel())
+        seen_pred.append(pred.ravel())
+        g, p = np.concatenate(seen_gt), np.concatenate(seen_pred)
+        labels = np.unique(np.concatenate([g, p]))
+        np.testing.assert_array_equal(acc.labels, labels)
+        for _ in range(2):  # the second read comes from the kept order
+            np.testing.assert_array_equal(acc.gt_counts, [np.count_nonzero(g == v) for v in labels])
+            np.testing.assert_array_equal(acc.pred_counts, [np.count_nonzero(p == v) for v in labels])
+            np.testing.assert_array_equal(acc.diagonal, [np.count_nonzero((g == v) & (p == v)) for v in labels])
+    merged = fse.ConfusionMatrix(dense_max=dense_max).update(np.array([[[1, 99]]]), np.array([[[99, 1]]]))
+    merged.labels  # noqa: B018 (sorts)
+    merged.merge(acc)
+    np.testing.assert_array_equal(merged.labels, np.union1d(labels, [1, 99]))
+    np.testing.assert_array_equal(merged.gt_counts[1:-1], acc.gt_counts)

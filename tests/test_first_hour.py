@@ -285,3 +285,27 @@ def test_an_ordinary_gt_only_label_gets_no_void_hint():
     res = fse.evaluate(pred, gt)
     assert any("label 7 is in the ground truth" in w for w in res.warnings)
     assert not any("ignore" in w for w in res.warnings)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint64], ids=["uint8", "uint64 ids past 2**63"])
+def test_class_imbalance_and_single_label_notes(dtype):
+    """The class-imbalance note names the background's share when accuracy hides a poor
+    foreground; a volume with one label says so. Labels are an array (65 536 ids need no list
+    of Python ints); large uint64 ids and a background label absent from the labels work too."""
+    big = 2**63 + 5 if dtype == np.uint64 else 7
+    gt = np.zeros((10, 10, 10), dtype=dtype)
+    pred = gt.copy()
+    gt[0, 0, :6] = big  # 6 foreground voxels, 2 of them found
+    pred[0, 0, :2] = big
+    pred[0, 1, :2] = big
+    res = fse.evaluate(pred, gt)
+    notes = [w for w in res.warnings if w.startswith("class imbalance")]
+    assert len(notes) == 1, res.warnings
+    share = 100 * np.count_nonzero(gt == 0) / gt.size
+    assert f"dominated by label 0 ({share:.0f}% of voxels)" in notes[0]
+    assert "mean foreground IoU is 0.250" in notes[0], notes[0]  # TP 2, FP 2, FN 4
+    assert not [w for w in fse.evaluate(pred, gt, background_label=None).warnings if "imbalance" in w]
+    assert not [w for w in fse.evaluate(pred, gt, background_label=3).warnings if "imbalance" in w]
+    one = fse.evaluate(np.full((4, 4, 4), big, dtype=dtype), np.full((4, 4, 4), big, dtype=dtype))
+    assert f"only one label ({big}) occurs: per-class metrics are trivial" in one.warnings
+    assert not [w for w in res.warnings if "only one label" in w]

@@ -159,6 +159,7 @@ class ConfusionCounts:
         self._fill_buffers: dict[str, np.ndarray] = {}  # unstored chunks beside stored ones, filled
         self._side: np.ndarray | None = None  # scratch of the flat kernel (zero between calls)
         self._run_list: np.ndarray | None = None  # scratch of the listed run kernels
+        self._sorted: tuple[int, np.ndarray] | None = None  # see _order
         # a fixed label space kept as diagonal + marginals counts into int32 until it could overflow
         self._alloc(kcap, dense, narrow=self._fixed and not dense)
         if in_lut:
@@ -761,10 +762,21 @@ class ConfusionCounts:
 
     # ------------------------------------------------------------------ results
     def _order(self) -> np.ndarray:
+        """Positions of the labels in ascending order of value. Discovered labels are sorted once
+        per label set (each of :attr:`labels`, :attr:`diagonal`, :attr:`gt_counts`,
+        :attr:`pred_counts` asked for it: six sorts of 65 536 ids, 15 ms of an 80 ms
+        ``evaluate``). Keys are only appended (discovery, merges), never rewritten, so the label
+        count tells a stale order."""
         n = int(self._state[cpu.NLAB])
         if self._fixed:
             return np.arange(n)
-        return np.argsort(self._keys[:n], kind="stable")
+        held = self._sorted
+        if held is not None and held[0] == n:
+            return held[1]
+        order = np.argsort(self._keys[:n], kind="stable")
+        order.flags.writeable = False
+        self._sorted = (n, order)
+        return order
 
     @property
     def labels(self) -> np.ndarray:
