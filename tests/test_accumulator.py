@@ -412,3 +412,87 @@ def test_label_order_read_between_updates_follows_new_labels(dense_max):
     merged.merge(acc)
     np.testing.assert_array_equal(merged.labels, np.union1d(labels, [1, 99]))
     np.testing.assert_array_equal(merged.gt_counts[1:-1], acc.gt_counts)
+
+
+def _by_value_pair(rng, shape, labels, dtype):
+    gt = rng.choice(labels, size=shape).astype(dtype)
+    pred = np.where(rng.random(shape) < 0.6, gt, rng.choice(labels, size=shape)).astype(dtype)
+    return pred, gt
+
+
+def _check_marginals(acc, pred, gt, keep=None):
+    g, p = gt.ravel(), pred.ravel()
+    if keep is not None:
+        g, p = g[keep.ravel()], p[keep.ravel()]
+    labels = np.unique(np.concatenate([g, p]))
+    np.testing.assert_array_equal(acc.labels, labels)
+    np.testing.assert_array_equal(acc.gt_counts, [np.count_nonzero(g == v) for v in labels])
+    np.testing.assert_array_equal(acc.pred_counts, [np.count_nonzero(p == v) for v in labels])
+    np.testing.assert_array_equal(acc.diagonal, [np.count_nonzero((g == v) & (p == v)) for v in labels])
+    assert acc.n_voxels == len(g)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16])
+def test_discovered_2_byte_labels_past_dense_max_count_by_value(dtype):
+    """2-byte labels discovered past dense_max are counted by value (no lookup per run) and
+    folded into the label space when read: exact through every kernel (runs, words with a mask,
+    a switch in the middle of a chunk), with an ignore label, through merges in every direction,
+    pickling, reset and two workers; a negative value is still refused at its voxel."""
+    rng = np.random.default_rng(7)
+    labels = rng.choice(np.arange(1, 30000), size=300, replace=False)
+    pred, gt = _by_value_pair(rng, (6, 24, 97), labels, dtype)  # rows of 97: tails past the 32-voxel blocks
+    acc = fse.ConfusionMatrix(dense_max=8)
+    for z in range(6):
+        acc.add_chunk(gt[z : z + 1], pred[z : z + 1])  # the space turns to marginals inside the first chunk
+    assert acc._raw16 is not None and acc._raw16_dirty  # counted by value, not yet folded
+    _check_marginals(acc, pred, gt)
+    assert not acc._raw16_dirty
+    few = fse.ConfusionMatrix(dense_max=8)  # within dense_max: the whole matrix, never by value
+    for z in range(6):
+        few.add_chunk(gt[z : z + 1] % 5, pred[z : z + 1] % 5)
+    assert few._raw16 is None and few.is_dense
+    ref, _ = reference_confusion(pred % 5, gt % 5, labels=range(5))
+    _same_counts(few, ref, range(5))
+    # a mask (the word kernel) and an ignore label, on an accumulator already by value
+    mask = rng.random(gt.shape) < 0.7
+    ign = int(labels[0])
+    masked = fse.ConfusionMatrix(dense_max=8, ignore_label=ign)
+    masked.add_chunk(gt[:1], pred[:1])
+    for z in range(1, 6):
+        masked.add_chunk(gt[z : z + 1], pred[z : z + 1], mask[z : z + 1])
+    keep = np.concatenate([np.ones_like(mask[:1]), mask[1:]]) & (gt != ign)
+    _check_marginals(masked, pred, gt, keep)
+    assert masked.n_ignored == np.count_nonzero(np.concatenate([np.ones_like(mask[:1]), mask[1:]]) & (gt == ign))
+    # merges: by value into by value, into a fresh dense one, into a folded one, into a fixed space
+    parts = [fse.ConfusionMatrix(dense_max=8) for _ in range(3)]
+    for part, z in zip(parts, (slice(0, 2), slice(2, 4), slice(4, 6))):
+        part.add_chunk(gt[z], pred[z])
+    assert all(p._raw16_dirty for p in parts)
+    fresh = fse.ConfusionMatrix(dense_max=8).merge(parts[0])
+    assert fresh._raw16_dirty  # taken by value, folded when read
+    fresh.merge(parts[1])
+    folded = parts[2].copy()
+    folded.labels  # noqa: B018 (folds)
+    fresh.merge(folded)
+    _check_marginals(fresh, pred, gt)
+    for part, z in zip(parts, (slice(0, 2), slice(2, 4), slice(4, 6))):
+        _check_marginals(part, pred[z], gt[z])  # the merges left them as they were
+    fixed = fse.ConfusionMatrix(labels=np.unique(np.concatenate([gt.ravel(), pred.ravel()])).tolist())
+    by_value = fse.ConfusionMatrix(dense_max=8)
+    by_value.add_chunk(gt, pred)
+    fixed.merge(by_value)
+    _check_marginals(fixed, pred, gt)
+    # pickling and copying an accumulator with counts by value; reset forgets them
+    again = fse.ConfusionMatrix(dense_max=8)
+    again.add_chunk(gt, pred)
+    _check_marginals(pickle.loads(pickle.dumps(again)), pred, gt)
+    again.reset()
+    assert again.n_voxels == 0 and again.num_classes == 0
+    # two workers: each counts by value, the engine merges
+    two = fse.ConfusionMatrix(dense_max=8).update(pred, gt, workers=2)
+    _check_marginals(two, pred, gt)
+    if dtype == np.int16:
+        bad = gt.copy()
+        bad[3, 5, 60] = -3
+        with pytest.raises(LabelError, match=r"label -3 at voxel \(3, 5, 60\)"):
+            fse.ConfusionMatrix(dense_max=8).update(pred, bad, workers=1)
