@@ -142,31 +142,24 @@ def same7(row, k, v):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _add_pair(acc, dense, kcap, a, b, w):
-    """Add ``w`` voxels of gt index ``a`` predicted as ``b`` into table ``acc``."""
-    if w == 0:
-        return
-    if dense:
-        acc[a * kcap + b] += w
-    else:
-        acc[a] += w
-        acc[kcap + b] += w
-        if a == b:
-            acc[2 * kcap + a] += w
-
-
-@njit(nogil=True, cache=True, inline="always")
 def _add_run(acc, dense, ku, a, b, w):
-    """Add a run of ``w`` voxels, gt index ``a`` and pred index ``b`` (uint64, ``ku`` the
-    capacity), as the 2-byte run kernels do: one cell of a dense table, or both marginals and,
-    without a branch (gt == pred at about half the runs), the diagonal. Inlined by numba, so the
-    hot loops compile as if the lines were written out."""
+    """Add a run of ``w`` voxels, gt index ``a`` and pred index ``b`` (uint64 in the hot loops,
+    ``ku`` the capacity): one cell of a dense table, or both marginals and, without a branch (gt
+    == pred at about half the runs), the diagonal. Inlined by numba, so the hot loops compile as
+    if the lines were written out."""
     if dense:
         acc[a * ku + b] += w
     else:
         acc[a] += w
         acc[ku + b] += w
         acc[ku + ku + a] += w & -np.int64(a == b)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _add_pair(acc, dense, kcap, a, b, w):
+    """:func:`_add_run` for the register run of :func:`count_mapped`, which may be empty."""
+    if w != 0:
+        _add_run(acc, dense, kcap, a, b, w)
 
 
 @njit(nogil=True, cache=True)
@@ -990,8 +983,8 @@ def count_runs16(
     ids (0.84 against 2.4 Gvoxel/s). The add goes through :func:`_add_run`, which numba inlines
     into the loop's IR: it timed the same as the lines written out (64 Mvoxel of uint16 ids on
     one core, listed kernel: 17.8-19.0 against 17.4-20.3 ms; with an ignore label 21.7-25.5
-    against 22.6-23.2 ms; the walk compiled for haswell 23.0-23.9 against 22.4-23.8 ms). A run whose label must be assigned or refused leaves the inner loop for the
-    code below it: with the call to :func:`_assign` inside, LLVM kept the loop's values on the
+    against 22.6-23.2 ms; the walk compiled for haswell 23.0-23.9 against 22.4-23.8 ms). A run
+    whose label must be assigned or refused leaves the inner loop for the code below it: with the call to :func:`_assign` inside, LLVM kept the loop's values on the
     stack (64 Mvoxel of uint16 ids on one core: 35.7 ms, against 25.4 without).
     """
     glim, plim = _limits(gt_signed_from, pred_signed_from, identity, kcap)
